@@ -1,0 +1,129 @@
+"""Training throughput of DINO ViT-S/16 with 2 x 224 + 8 x 96 crops: the full step (teacher forward, student
+forward/backward, clipping, AdamW, EMA update, center update) through ssd's own engine.
+
+    python benchmarks/train_throughput.py --batch-size 64            # per process; GPU: bf16 autocast
+    python benchmarks/train_throughput.py --batch-size 8 --device cpu --steps 3
+
+Input crops are random tensors already on the device, so the number is the model/engine step, not the data
+pipeline. On a GPU it also prints peak memory and model FLOP utilisation (MFU).
+
+FLOPs are counted, not guessed: torch's FlopCounterMode records every matmul / attention of one real step
+(forward and backward). As a cross-check, a ViT forward costs about
+    2 * tokens * (12 * depth * dim^2)  +  4 * depth * tokens^2 * dim   FLOPs per image
+(the 12 d^2 term is qkv + proj + the 4x MLP weights, each multiply-add counted as 2; the second term is the
+two attention matmuls), the backward twice the forward, so a DINO step is
+    teacher: fwd(2 global)  +  student: 3 * (fwd(2 global) + fwd(8 local))  (+ the small DINO head).
+MFU = counted FLOPs per step / step time / the GPU's dense bf16 peak.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from ssd.config import load_config  # noqa: E402
+from ssd.engine.distributed import DistInfo  # noqa: E402
+from ssd.engine.trainer import Trainer  # noqa: E402
+from ssd.methods import build_method  # noqa: E402
+
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense, from NVIDIA's data sheets
+
+
+class _Unused:
+    """The engine wants a data set for its loader; the benchmark feeds tensors directly instead."""
+
+    def __len__(self) -> int:
+        return 10**7
+
+
+def machine() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}"
+
+
+def peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name()
+    return next((value for key, value in PEAK_BF16_FLOPS.items() if key in name), None)
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch-size", type=int, default=64, help="images per process per step")
+    parser.add_argument("--steps", type=int, default=20, help="timed steps")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    parser.add_argument("--compile", action="store_true", help="torch.compile the backbones")
+    parser.add_argument("overrides", nargs="*", help="extra config overrides (key=value)")
+    args = parser.parse_args(argv)
+
+    cfg = load_config("dino_vit_small16_imagenet", [
+        "data.root=unused", f"train.batch_size={args.batch_size}", f"train.device={args.device}",
+        f"train.precision={args.precision}", f"train.compile={str(args.compile).lower()}", "data.num_workers=0",
+        *args.overrides])
+    device = torch.device("cuda" if (args.device != "cpu" and torch.cuda.is_available()) else "cpu")
+    torch.manual_seed(0)
+    trainer = Trainer(cfg, build_method(cfg), _Unused(), transform=None,
+                      dist_info=DistInfo(device=device), run_dir=Path("/tmp/ssd-benchmark"))
+    crops = cfg.crops
+    sizes = [crops.global_size] * 2 + [crops.local_size] * crops.local_number
+    batch = {"crops": [torch.randn(args.batch_size, 3, s, s, device=device) for s in sizes],
+             "labels": torch.zeros(args.batch_size, dtype=torch.long), "indices": torch.arange(args.batch_size)}
+
+    def batches():
+        while True:
+            yield batch
+
+    stream = batches()
+    schedule = trainer.schedule(cfg.optim.warmup_epochs * trainer.steps_per_epoch)  # a post-warmup step
+    schedule["freeze_last_layer"] = False
+    for _ in range(args.warmup):
+        trainer.train_step(stream, schedule)
+    with FlopCounterMode(display=False) as counter:
+        trainer.train_step(stream, schedule)
+    flops_per_step = counter.get_total_flops()
+
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        trainer.train_step(stream, schedule)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = (time.perf_counter() - start) / args.steps
+
+    result = {
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": machine(),
+        "settings": f"DINO ViT-S/16, 2x{crops.global_size} + {crops.local_number}x{crops.local_size} crops, "
+                    f"batch {args.batch_size}/process, precision {cfg.train.precision} "
+                    f"({trainer.amp_dtype or torch.float32}), compile {args.compile}",
+        "images_per_second": args.batch_size / seconds,
+        "seconds_per_step": seconds,
+        "tflops_per_step": flops_per_step / 1e12,
+    }
+    if device.type == "cuda":
+        result["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        peak = peak_flops(device)
+        if peak:
+            result["mfu"] = flops_per_step / seconds / peak
+    print(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main()

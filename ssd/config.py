@@ -1,0 +1,287 @@
+"""Config schema, recipes and overrides.
+
+A run is described by one `Config`: the schema below (dataclasses, so every key is typed and documented in one
+place), a YAML recipe from `ssd/configs/` that changes some defaults, and `key=value` overrides from the
+command line. OmegaConf does the merging and type conversion; this module adds what users need on top of it:
+an unknown key names the nearest valid one, a wrong type names the key, the value and the expected type.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, ValidationError
+
+RECIPES_DIR = Path(__file__).parent / "configs"
+DEFAULT_RECIPE = "dino_digits_demo"
+
+
+class ConfigError(ValueError):
+    """A config key, value or recipe the user gave is wrong; the message says what to do."""
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "vit_small_patch16_224"  # any timm model name
+    img_size: int = 224  # ViT position-embedding grid; other crop sizes are interpolated (dynamic_img_size)
+    patch_size: int = 0  # 0 keeps the timm architecture's own patch size
+    drop_path_rate: float = 0.1
+    num_registers: int = 0  # register tokens (Darcet et al. 2024); 0 for plain DINO
+    timm_kwargs: Dict[str, Any] = field(default_factory=dict)  # passed as-is to timm.create_model
+    pretrained: str = ""  # optional weights file to start from (ssd checkpoint/export, official DINO/DINOv2)
+
+
+@dataclass
+class HeadConfig:
+    out_dim: int = 65536  # number of prototypes K
+    hidden_dim: int = 2048
+    bottleneck_dim: int = 256
+    nlayers: int = 3
+    use_bn: bool = False
+    norm_last_layer: bool = True
+
+
+@dataclass
+class MethodConfig:
+    name: str = "dino"
+    student_temp: float = 0.1
+    teacher_temp: float = 0.04
+    warmup_teacher_temp: float = 0.04
+    warmup_teacher_temp_epochs: int = 0
+    center_momentum: float = 0.9
+    momentum_teacher: float = 0.996  # EMA momentum at step 0, rises on a cosine to momentum_teacher_end
+    momentum_teacher_end: float = 1.0
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "imagefolder"  # digits | cifar10 | imagefolder | folder (unlabeled)
+    root: str = ""
+    split: str = "train"
+    holdout_fraction: float = 0.2  # digits only: share held out as the k-NN test split
+    on_bad_image: str = "skip"  # skip (warn, count, use the next image) | fail
+    num_workers: int = 8
+    mean: List[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
+    std: List[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+
+
+@dataclass
+class CropsConfig:
+    global_size: int = 224
+    global_scale: List[float] = field(default_factory=lambda: [0.4, 1.0])
+    local_number: int = 8
+    local_size: int = 96
+    local_scale: List[float] = field(default_factory=lambda: [0.05, 0.4])
+
+
+@dataclass
+class OptimConfig:
+    base_lr: float = 0.0005  # lr = base_lr * global_batch / lr_reference_batch
+    lr_reference_batch: int = 256
+    min_lr: float = 1e-6
+    warmup_epochs: int = 10
+    weight_decay: float = 0.04
+    weight_decay_end: float = 0.4
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+    clip_grad: float = 3.0  # 0 disables clipping
+    clip_mode: str = "per_param"  # per_param (official DINO) | global (clip_grad_norm_ over all parameters)
+    freeze_last_layer_epochs: int = 1
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 100
+    max_steps: int = 0  # > 0: train this many optimizer steps instead of `epochs` (schedules follow it)
+    batch_size: int = 1024  # global batch per optimizer step, over all processes and accumulation steps
+    grad_accum_steps: int = 1
+    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16
+    compile: bool = False
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    resume: bool = True  # continue from the newest valid checkpoint in the run folder, if any
+
+
+@dataclass
+class OutputConfig:
+    root: str = "checkpoints"
+    run_name: str = ""  # empty: <recipe>-<timestamp>
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 500
+    keep: int = 3
+
+
+@dataclass
+class LogConfig:
+    every_steps: int = 10
+    tensorboard: bool = True
+    progress_bar: bool = True
+
+
+@dataclass
+class EvalConfig:
+    knn: bool = False  # after training: k-NN of frozen teacher features vs. random init vs. raw pixels
+    knn_k: List[int] = field(default_factory=lambda: [10, 20, 100, 200])
+    knn_temperature: float = 0.07
+    test_split: str = "test"
+    resize_size: int = 256
+    crop_size: int = 224
+    batch_size: int = 256
+
+
+@dataclass
+class Config:
+    recipe: str = ""  # set by load_config: which recipe this run started from
+    model: ModelConfig = field(default_factory=ModelConfig)
+    head: HeadConfig = field(default_factory=HeadConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    crops: CropsConfig = field(default_factory=CropsConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+CHOICES = {
+    "method.name": ("dino",),
+    "data.dataset": ("digits", "cifar10", "imagefolder", "folder"),
+    "data.on_bad_image": ("skip", "fail"),
+    "optim.clip_mode": ("per_param", "global"),
+    "train.precision": ("auto", "fp32", "bf16", "fp16"),
+    "train.device": ("auto", "cpu", "cuda"),
+}
+
+
+def _schema_keys(node: Any, prefix: str = "") -> list[str]:
+    keys = []
+    for name, value in node.items():
+        full = f"{prefix}{name}"
+        keys.append(full)
+        if isinstance(value, DictConfig) and not full.endswith("timm_kwargs"):
+            keys.extend(_schema_keys(value, full + "."))
+    return keys
+
+
+def _check_known_keys(keys: list[str], where: str) -> None:
+    valid = _schema_keys(OmegaConf.structured(Config))
+    for key in keys:
+        if key in valid or any(key.startswith(v + ".") for v in valid if v.endswith("timm_kwargs")):
+            continue
+        close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+        hint = f"did you mean '{close[0]}'?" if close else "see ssd/config.py for the valid keys"
+        raise ConfigError(f"unknown config key '{key}' in {where}: {hint}")
+
+
+def _flat_keys(container: dict, prefix: str = "") -> list[str]:
+    keys = []
+    for name, value in container.items():
+        full = f"{prefix}{name}"
+        if isinstance(value, dict) and value and not full.endswith("timm_kwargs"):
+            keys.extend(_flat_keys(value, full + "."))
+        else:
+            keys.append(full)
+    return keys
+
+
+def _merge(base: DictConfig, update: DictConfig, where: str) -> DictConfig:
+    try:
+        return OmegaConf.merge(base, update)
+    except (ValidationError, ConfigKeyError) as error:
+        key = getattr(error, "full_key", "") or "?"
+        value = OmegaConf.select(update, key) if key != "?" else None
+        expected = _expected_type(key)
+        raise ConfigError(
+            f"bad value for config key '{key}' in {where}: got {value!r}, expected {expected}"
+        ) from None
+
+
+def _expected_type(key: str) -> str:
+    """The schema's type of `key` as written in the dataclass (annotations are strings here)."""
+    node: Any = Config
+    annotation = "a value of the schema's type"
+    for part in key.split("."):
+        fields = getattr(node, "__dataclass_fields__", {})
+        if part not in fields:
+            break
+        annotation = str(fields[part].type)
+        node = globals().get(annotation)
+    return annotation
+
+
+def resolve_recipe(recipe: str | None) -> Path:
+    name = recipe or DEFAULT_RECIPE
+    path = Path(name)
+    if path.suffix in (".yaml", ".yml") and path.exists():
+        return path
+    candidate = RECIPES_DIR / f"{name}.yaml"
+    if candidate.exists():
+        return candidate
+    known = sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+    raise ConfigError(f"recipe '{name}' not found: give a YAML file path or one of {', '.join(known)}")
+
+
+def load_config(recipe: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
+    """Schema defaults <- recipe YAML <- `key=value` overrides, validated; returns a typed DictConfig."""
+    recipe_path = resolve_recipe(recipe)
+    cfg = OmegaConf.structured(Config)
+    recipe_values = OmegaConf.load(recipe_path)
+    recipe_values.pop("recipe", None)
+    _check_known_keys(_flat_keys(OmegaConf.to_container(recipe_values)), f"recipe {recipe_path}")
+    cfg = _merge(cfg, recipe_values, f"recipe {recipe_path}")
+    if not cfg.recipe:
+        cfg.recipe = recipe_path.stem
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not of the form key=value (e.g. optim.base_lr=1e-3)")
+    override_values = OmegaConf.from_dotlist(list(overrides))
+    _check_known_keys(_flat_keys(OmegaConf.to_container(override_values)), "command-line overrides")
+    cfg = _merge(cfg, override_values, "command-line overrides")
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: DictConfig) -> None:
+    for key, allowed in CHOICES.items():
+        value = OmegaConf.select(cfg, key)
+        if value not in allowed:
+            raise ConfigError(f"config key '{key}' is {value!r}; expected one of {', '.join(allowed)}")
+    for key in ("crops.global_scale", "crops.local_scale", "optim.betas"):
+        if len(OmegaConf.select(cfg, key)) != 2:
+            raise ConfigError(f"config key '{key}' needs two numbers, e.g. {key}=[0.4,1.0]")
+    positive = ("train.batch_size", "train.grad_accum_steps", "checkpoint.every_steps", "log.every_steps")
+    for key in positive:
+        if OmegaConf.select(cfg, key) <= 0:
+            raise ConfigError(f"config key '{key}' must be positive, got {OmegaConf.select(cfg, key)}")
+    if cfg.train.epochs <= 0 and cfg.train.max_steps <= 0:
+        raise ConfigError("set train.epochs or train.max_steps to a positive number")
+    if cfg.data.dataset != "digits" and not cfg.data.root:
+        raise ConfigError(f"data.dataset={cfg.data.dataset} needs data.root=/path/to/images")
+
+
+def save_config(cfg: DictConfig, path: str | Path) -> None:
+    Path(path).write_text(OmegaConf.to_yaml(cfg))
+
+
+def to_dict(cfg: DictConfig) -> dict:
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+def config_from_dict(values: dict) -> DictConfig:
+    """Rebuild a typed config from a checkpoint's plain dict (unknown keys still fail loudly)."""
+    _check_known_keys(_flat_keys(values), "checkpoint config")
+    return _merge(OmegaConf.structured(Config), OmegaConf.create(values), "checkpoint config")
+
+
+__all__ = [
+    "Config", "ConfigError", "load_config", "save_config", "to_dict", "config_from_dict", "resolve_recipe",
+    "validate",
+]

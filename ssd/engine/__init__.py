@@ -1,0 +1,1 @@
+"""The training engine: loop, schedules, optimizer, checkpoints, distributed setup, signals, logging."""

@@ -1,0 +1,70 @@
+"""torch.distributed set-up from the standard environment variables (torchrun, or the SLURM launcher).
+
+With no WORLD_SIZE (or WORLD_SIZE=1) the run is one plain process and nothing is initialised.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def pick_device(requested: str, local_rank: int) -> torch.device:
+    if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise RuntimeError("train.device=cuda but no CUDA device is visible: use train.device=cpu or auto")
+    torch.cuda.set_device(local_rank)
+    return torch.device("cuda", local_rank)
+
+
+def init_distributed(requested_device: str = "auto") -> DistInfo:
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = pick_device(requested_device, local_rank)
+    if world_size > 1 and not dist.is_initialized():
+        for name in ("MASTER_ADDR", "MASTER_PORT"):
+            if name not in os.environ:
+                raise RuntimeError(
+                    f"WORLD_SIZE={world_size} but {name} is not set: start with torchrun or the SLURM launcher"
+                )
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30))
+    return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
+    if is_distributed():
+        dist.all_reduce(values)
+    return values
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
+
+
+def shutdown() -> None:
+    if is_distributed():
+        dist.destroy_process_group()

@@ -1,0 +1,56 @@
+"""Per-step schedules, all pure functions of the step so a resumed run gets identical values."""
+
+from __future__ import annotations
+
+import math
+
+
+def cosine(step: int, total_steps: int, start: float, end: float) -> float:
+    """Half-cosine from `start` at step 0 to `end` at `total_steps` (held at `end` afterwards)."""
+    if total_steps <= 0:
+        return end
+    progress = min(max(step / total_steps, 0.0), 1.0)
+    return end + 0.5 * (start - end) * (1.0 + math.cos(math.pi * progress))
+
+
+def warmup_cosine(step: int, total_steps: int, warmup_steps: int, peak: float, end: float) -> float:
+    """Linear warmup from 0 to `peak` over `warmup_steps`, then cosine down to `end` (DINO's lr schedule)."""
+    warmup_steps = min(warmup_steps, total_steps)
+    if step < warmup_steps:
+        return peak * step / warmup_steps
+    return cosine(step - warmup_steps, total_steps - warmup_steps, peak, end)
+
+
+def linear_warmup_constant(step: int, warmup_steps: int, start: float, end: float) -> float:
+    """Linear from `start` to `end` over `warmup_steps`, then constant (DINO's teacher temperature)."""
+    if step >= warmup_steps or warmup_steps <= 0:
+        return end
+    return start + (end - start) * step / warmup_steps
+
+
+class TrainingSchedule:
+    """Every scheduled quantity of a run, derived from the config and the number of steps per epoch."""
+
+    def __init__(self, cfg, steps_per_epoch: int, world_batch: int):
+        self.steps_per_epoch = steps_per_epoch
+        self.total_steps = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
+        self.peak_lr = cfg.optim.base_lr * world_batch / cfg.optim.lr_reference_batch
+        self.cfg = cfg
+
+    def epoch_of(self, step: int) -> int:
+        return step // self.steps_per_epoch
+
+    def __call__(self, step: int) -> dict:
+        optim, method = self.cfg.optim, self.cfg.method
+        spe = self.steps_per_epoch
+        return {
+            "lr": warmup_cosine(step, self.total_steps, optim.warmup_epochs * spe, self.peak_lr, optim.min_lr),
+            "weight_decay": cosine(step, self.total_steps, optim.weight_decay, optim.weight_decay_end),
+            "teacher_momentum": cosine(
+                step, self.total_steps, method.momentum_teacher, method.momentum_teacher_end
+            ),
+            "teacher_temp": linear_warmup_constant(
+                step, method.warmup_teacher_temp_epochs * spe, method.warmup_teacher_temp, method.teacher_temp
+            ),
+            "freeze_last_layer": step < optim.freeze_last_layer_epochs * spe,
+        }

@@ -1,0 +1,273 @@
+"""The training loop. It knows the engine's contract with a method and nothing about DINO itself:
+
+    loss, outputs = method(batch, schedule)      # forward + loss (student, teacher, heads inside)
+    backward -> clip -> optimizer step
+    method.after_step(schedule)                  # teacher update
+    method.monitor(outputs)                      # collapse statistics, at log steps only
+
+One step = `grad_accum_steps` micro-batches. Everything a resumed run needs is in the checkpoint, and every
+random draw is seeded from the step or the sample, so a resumed run is bitwise equal to an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from pathlib import Path
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from ssd.config import to_dict
+from ssd.data import ResumableDistributedSampler, SeededCropsDataset, collate_crops
+from ssd.engine import checkpoint as ckpt
+from ssd.engine import distributed, signals
+from ssd.engine.metrics import MetricsWriter, ProgressBar, peak_memory_mib
+from ssd.engine.optim import apply_schedule, build_optimizer, clip_gradients
+from ssd.engine.schedules import TrainingSchedule
+from ssd.engine.state import gather_rng_states, restore_rng
+from ssd.monitors import collapse_kind
+
+log = logging.getLogger("ssd")
+COLLAPSE_PATIENCE = 3  # consecutive log points in a collapsed state before warning
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    if precision == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+class Trainer:
+    def __init__(self, cfg, method: torch.nn.Module, dataset, transform, dist_info, run_dir: Path):
+        self.cfg, self.dist, self.run_dir = cfg, dist_info, Path(run_dir)
+        self.device = dist_info.device
+        self.method = method.to(self.device)
+        world, accum = dist_info.world_size, cfg.train.grad_accum_steps
+        if cfg.train.batch_size % (world * accum):
+            raise ValueError(
+                f"train.batch_size={cfg.train.batch_size} must be divisible by processes x grad_accum_steps "
+                f"= {world} x {accum}"
+            )
+        self.micro_batch = cfg.train.batch_size // (world * accum)
+        self.sampler = ResumableDistributedSampler(len(dataset), world, dist_info.rank, seed=cfg.train.seed)
+        self.steps_per_epoch = (len(dataset) // world) // (self.micro_batch * accum)
+        if self.steps_per_epoch == 0:
+            raise ValueError(
+                f"the data set has {len(dataset)} images, fewer than one global batch "
+                f"(train.batch_size={cfg.train.batch_size}): lower train.batch_size"
+            )
+        self.loader = torch.utils.data.DataLoader(
+            SeededCropsDataset(dataset, transform, seed=cfg.train.seed, on_bad_image=cfg.data.on_bad_image),
+            batch_size=self.micro_batch,
+            sampler=self.sampler,
+            collate_fn=collate_crops,
+            num_workers=cfg.data.num_workers,
+            pin_memory=self.device.type == "cuda",
+            drop_last=True,
+            persistent_workers=cfg.data.num_workers > 0,
+            # A private generator: creating a loader iterator must not consume the global RNG, or a resumed
+            # run (which creates it at a different point) would draw different drop-path masks.
+            generator=torch.Generator().manual_seed(cfg.train.seed),
+        )
+        self.schedule = TrainingSchedule(cfg, self.steps_per_epoch, cfg.train.batch_size)
+        self.optimizer = build_optimizer(self.method, cfg.optim.betas)
+        self.trainable = [p for p in self.method.parameters() if p.requires_grad]
+        self.amp_dtype = autocast_dtype(cfg.train.precision, self.device)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+        if cfg.train.compile:
+            for module in (self.method.student.backbone, self.method.teacher.network.backbone):
+                module.compile()
+        self.model = self.method
+        if world > 1:
+            self.model = DistributedDataParallel(
+                self.method,
+                device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                broadcast_buffers=False,  # the loss center is already all-reduced; teacher buffers are copied
+            )
+        self.step = 0
+        self.last_checkpoint: Path | None = None
+        self.collapse_counts: dict[str, int] = {}
+
+    # ---- checkpoints -------------------------------------------------------------------------------------
+    def save(self) -> Path | None:
+        rng_states = gather_rng_states(self.dist.world_size)  # collective
+        path = None
+        if self.dist.is_main:
+            epoch = self.schedule.epoch_of(self.step)
+            path = ckpt.save_checkpoint(
+                ckpt.checkpoint_path(self.run_dir, self.step),
+                {
+                    "config": to_dict(self.cfg),
+                    "step": self.step,
+                    "epoch": epoch,
+                    "method": self.method.state_dict(),
+                    "optimizer": self.optimizer.state_dict(),
+                    "scaler": self.scaler.state_dict(),
+                    "rng": rng_states,
+                    "sampler": {"epoch": epoch, "start": self._epoch_offset(self.step), "seed": self.cfg.train.seed},
+                    "world_size": self.dist.world_size,
+                },
+            )
+            ckpt.prune_checkpoints(self.run_dir, self.cfg.checkpoint.keep, protect=path)
+        distributed.barrier()
+        self.last_checkpoint = ckpt.checkpoint_path(self.run_dir, self.step)
+        return path
+
+    def resume(self) -> bool:
+        found = ckpt.load_latest_checkpoint(self.run_dir)
+        if found is None:
+            return False
+        path, state = found
+        self.method.load_state_dict(state["method"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.step = int(state["step"])
+        if not restore_rng(state["rng"], self.dist.rank) or state.get("world_size") != self.dist.world_size:
+            log.warning("checkpoint was written by %s processes, this run has %s: drop-path randomness will "
+                        "differ from an uninterrupted run", state.get("world_size"), self.dist.world_size)
+        self.last_checkpoint = path
+        if self.dist.is_main:
+            log.info("resumed from %s at step %d", path, self.step)
+        return True
+
+    def _epoch_offset(self, step: int) -> int:
+        """Samples this rank already consumed in the epoch that contains `step`."""
+        return (step % self.steps_per_epoch) * self.micro_batch * self.cfg.train.grad_accum_steps
+
+    # ---- loop --------------------------------------------------------------------------------------------
+    def _batches(self):
+        """Micro-batches from the current step on, epoch after epoch, starting mid-epoch after a resume."""
+        epoch = self.schedule.epoch_of(self.step)
+        self.sampler.set_epoch(epoch, start=self._epoch_offset(self.step))
+        while True:
+            micro_batches_left = (self.steps_per_epoch - self.step % self.steps_per_epoch) * (
+                self.cfg.train.grad_accum_steps
+            )
+            for index, batch in enumerate(self.loader):
+                yield batch
+                if index + 1 == micro_batches_left:
+                    break
+            epoch += 1
+            self.sampler.set_epoch(epoch, start=0)
+
+    def _to_device(self, batch: dict) -> dict:
+        non_blocking = self.device.type == "cuda"
+        return {
+            "crops": [crop.to(self.device, non_blocking=non_blocking) for crop in batch["crops"]],
+            "labels": batch["labels"],
+            "indices": batch["indices"],
+        }
+
+    def _forward_backward(self, batches, schedule: dict) -> tuple[torch.Tensor, dict]:
+        accum = self.cfg.train.grad_accum_steps
+        loss_sum = torch.zeros((), device=self.device)
+        outputs: dict = {}
+        for micro in range(accum):
+            batch = self._to_device(next(batches))
+            sync = micro == accum - 1 or not isinstance(self.model, DistributedDataParallel)
+            with contextlib.nullcontext() if sync else self.model.no_sync():
+                with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+                    loss, outputs = self.model(batch, schedule)
+                self.scaler.scale(loss / accum).backward()
+            loss_sum += loss.detach().float() / accum
+        return loss_sum, outputs
+
+    def train_step(self, batches, schedule: dict) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        """One optimizer step. Returns ([loss summed over ranks, non-finite flag, stop flag], grad norm, outputs)."""
+        apply_schedule(self.optimizer, schedule["lr"], schedule["weight_decay"])
+        loss, outputs = self._forward_backward(batches, schedule)
+        # One collective per step carries the loss, a non-finite flag and any stop request, so every rank
+        # takes the same decision at the same step.
+        stop = torch.tensor(float(signals.stop_requested()), device=self.device)
+        flags = distributed.all_reduce_sum(torch.stack([loss, (~torch.isfinite(loss)).float(), stop]))
+        if flags[1] > 0:
+            self.optimizer.zero_grad(set_to_none=True)
+            raise NonFiniteLossError(
+                f"loss is {loss.item()} at step {self.step}; the last good checkpoint is "
+                f"{self.last_checkpoint or 'none (no checkpoint written yet)'} and is kept. Lower "
+                "optim.base_lr, raise optim.warmup_epochs or use train.precision=fp32, then resume."
+            )
+        self.scaler.unscale_(self.optimizer)
+        grad_norm = clip_gradients(self.trainable, self.cfg.optim.clip_grad, self.cfg.optim.clip_mode)
+        if schedule["freeze_last_layer"]:
+            for param in self.method.last_layer_parameters():
+                param.grad = None
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.method.after_step(schedule)
+        return flags, grad_norm, outputs
+
+    def fit(self) -> dict:
+        cfg = self.cfg
+        total_steps = self.schedule.total_steps
+        if cfg.train.resume:
+            self.resume()
+        writer = MetricsWriter(self.run_dir, self.dist.is_main, cfg.log.tensorboard)
+        bar = ProgressBar(self.dist.is_main and cfg.log.progress_bar, total_steps, self.step)
+        handlers = signals.install_handlers()
+        status = "finished"
+        try:
+            batches = self._batches()
+            window_start, window_steps = time.perf_counter(), 0
+            while self.step < total_steps:
+                schedule = self.schedule(self.step)
+                flags, grad_norm, outputs = self.train_step(batches, schedule)
+                self.step += 1
+                window_steps += 1
+
+                mean_loss = flags[0].item() / self.dist.world_size
+                if self.step % cfg.log.every_steps == 0 or self.step == total_steps:
+                    elapsed = time.perf_counter() - window_start
+                    images_per_second = window_steps * cfg.train.batch_size / max(elapsed, 1e-9)
+                    self._log(writer, schedule, mean_loss, grad_norm, images_per_second, outputs)
+                    window_start, window_steps = time.perf_counter(), 0
+                bar.update(1, loss=mean_loss)
+
+                stop = flags[2] > 0
+                if self.step % cfg.checkpoint.every_steps == 0 or self.step == total_steps or stop:
+                    self.save()
+                if stop and self.step < total_steps:
+                    status = "preempted"
+                    if self.dist.is_main:
+                        log.info("stop requested: saved checkpoint at step %d, exiting", self.step)
+                    break
+        finally:
+            signals.restore_handlers(handlers)
+            bar.close()
+            writer.close()
+        return {"status": status, "step": self.step, "run_dir": str(self.run_dir)}
+
+    def _log(self, writer, schedule, loss, grad_norm, images_per_second, outputs) -> None:
+        stats = self.method.monitor(outputs)
+        values = {
+            "loss": loss,
+            "lr": schedule["lr"],
+            "weight_decay": schedule["weight_decay"],
+            "teacher_momentum": schedule["teacher_momentum"],
+            "teacher_temp": schedule["teacher_temp"],
+            "images_per_second": images_per_second,
+            "peak_memory_mib": peak_memory_mib(self.device),
+            "grad_norm": float(grad_norm),
+            "epoch": self.schedule.epoch_of(self.step - 1),
+            **{k: v for k, v in stats.items() if k != "log_num_prototypes"},
+        }
+        writer.write(self.step, values)
+        kind = collapse_kind(stats)
+        for name in ("uniform", "one-hot"):
+            self.collapse_counts[name] = self.collapse_counts.get(name, 0) + 1 if kind == name else 0
+            if self.collapse_counts[name] == COLLAPSE_PATIENCE and self.dist.is_main:
+                log.warning(
+                    "the teacher output looks collapsed to a %s distribution at step %d (entropy %.3f of max "
+                    "%.3f, KL to uniform %.3f, feature std %.4f): check teacher temperature, centering and lr",
+                    name, self.step, stats["teacher_entropy"], stats["log_num_prototypes"],
+                    stats["teacher_kl_uniform"], stats["teacher_feature_std"])
+        if not math.isfinite(loss):
+            log.warning("non-finite loss logged at step %d", self.step)

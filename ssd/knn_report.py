@@ -1,0 +1,53 @@
+"""k-NN report at the end of a run: where do the trained features stand?
+
+Frozen teacher features are compared with the same architecture at random initialisation (what training
+added) and with raw pixels (a strong baseline on simple data such as digits). Written to `<run>/knn.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from eval_protocols.features import extract_features
+from eval_protocols.knn import knn_classify
+from ssd.data import build_dataset, eval_transform
+from ssd.models.backbone import build_backbone
+
+log = logging.getLogger("ssd")
+
+
+def _accuracies(name, backbone, train_set, test_set, transform, cfg, device) -> dict:
+    backbone = backbone.to(device).eval()
+    loader_args = dict(transform=transform, batch_size=cfg.eval.batch_size, num_workers=0, device=device)
+    train_features, train_labels = extract_features(backbone, train_set, **loader_args)
+    test_features, test_labels = extract_features(backbone, test_set, **loader_args)
+    results = knn_classify(train_features, train_labels, test_features, test_labels,
+                           ks=tuple(cfg.eval.knn_k), temperature=cfg.eval.knn_temperature)
+    log.info("k-NN %-22s %s", name, "  ".join(f"{k}: {v['top1']:.1f}%" for k, v in results.items()))
+    return results
+
+
+def knn_report(cfg, teacher_backbone: nn.Module, run_dir: Path, device: torch.device) -> dict:
+    train_set = build_dataset(cfg.data, cfg.data.split)
+    test_set = build_dataset(cfg.data, cfg.eval.test_split)
+    transform = eval_transform(cfg.eval.resize_size, cfg.eval.crop_size, tuple(cfg.data.mean), tuple(cfg.data.std))
+    torch.manual_seed(cfg.train.seed)  # the random-init baseline is the run's own initial weights
+    candidates = {
+        "trained teacher": teacher_backbone,
+        "random init (same arch)": build_backbone(cfg.model),
+        "raw pixels": nn.Flatten(),
+    }
+    report = {name: _accuracies(name, model, train_set, test_set, transform, cfg, device)
+              for name, model in candidates.items()}
+    (Path(run_dir) / "knn.json").write_text(json.dumps(report, indent=2))
+    k = "k=20" if "k=20" in report["raw pixels"] else next(iter(report["raw pixels"]))
+    print(f"\nk-NN top-1 accuracy on the held-out split ({len(test_set)} images, {k}):")
+    for name, results in report.items():
+        print(f"  {name:<24} {results[k]['top1']:6.2f}%")
+    print(f"results: {Path(run_dir) / 'knn.json'}\n")
+    return report

@@ -1,0 +1,16 @@
+"""Training methods. Each one builds its student/teacher/heads and turns a batch into a loss."""
+
+from __future__ import annotations
+
+from ssd.methods.dino import DINO
+
+METHODS = {"dino": DINO}
+
+
+def build_method(cfg):
+    if cfg.method.name not in METHODS:
+        raise ValueError(f"unknown method '{cfg.method.name}'; available: {', '.join(METHODS)}")
+    return METHODS[cfg.method.name](cfg)
+
+
+__all__ = ["build_method", "METHODS", "DINO"]

@@ -1,0 +1,75 @@
+"""DINO (Caron et al. 2021): a student matches an EMA teacher's centred, sharpened outputs across multi-crop views.
+
+The method owns student, teacher and loss; it never sees the optimizer, the checkpoint or the logger. The engine
+calls `forward(batch, schedule)` for the loss and `after_step(schedule)` for the teacher update.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from ssd.losses.dino_loss import DINOLoss
+from ssd.models.backbone import build_backbone
+from ssd.models.dino_head import DINOHead
+from ssd.models.multicrop import MultiCropEncoder
+from ssd.monitors import collapse_statistics
+from ssd.teachers import EMATeacher
+
+NUM_GLOBAL_VIEWS = 2
+
+
+class DINO(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        backbone = build_backbone(cfg.model)
+        if cfg.model.pretrained:
+            from ssd.checkpoint_import import load_backbone_weights
+
+            load_backbone_weights(backbone, cfg.model.pretrained)
+        head = DINOHead(
+            backbone.num_features,
+            out_dim=cfg.head.out_dim,
+            hidden_dim=cfg.head.hidden_dim,
+            bottleneck_dim=cfg.head.bottleneck_dim,
+            nlayers=cfg.head.nlayers,
+            use_bn=cfg.head.use_bn,
+            norm_last_layer=cfg.head.norm_last_layer,
+        )
+        self.student = MultiCropEncoder(backbone, head)
+        # The teacher starts as an exact copy of the student (same random init), as in the paper.
+        self.teacher = EMATeacher.from_student(self.student)
+        self.loss = DINOLoss(cfg.head.out_dim, cfg.method.student_temp, cfg.method.center_momentum)
+
+    def last_layer_parameters(self) -> list[nn.Parameter]:
+        """Parameters frozen during the first `optim.freeze_last_layer_epochs` epochs."""
+        return list(self.student.head.last_layer.parameters())
+
+    def trainable_modules(self) -> nn.Module:
+        return self.student
+
+    def forward(self, batch: dict, schedule: dict) -> tuple[torch.Tensor, dict]:
+        crops = batch["crops"]  # V tensors (B, 3, H, W): 2 global crops first, then the local crops
+        global_crops = crops[:NUM_GLOBAL_VIEWS]
+        with torch.no_grad():
+            teacher_features, teacher_logits = self.teacher(global_crops)
+        _, student_logits = self.student(crops)
+        loss, teacher_probs = self.loss(
+            student_logits,
+            teacher_logits,
+            num_student_views=len(crops),
+            num_teacher_views=NUM_GLOBAL_VIEWS,
+            teacher_temp=schedule["teacher_temp"],
+        )
+        return loss, {"teacher_probs": teacher_probs.detach(), "teacher_features": teacher_features.detach()}
+
+    def monitor(self, outputs: dict) -> dict:
+        return collapse_statistics(outputs["teacher_probs"], outputs["teacher_features"])
+
+    @torch.no_grad()
+    def after_step(self, schedule: dict) -> None:
+        self.loss.update_center()
+        self.teacher.update(self.student, schedule["teacher_momentum"])
+
+    def teacher_backbone(self) -> nn.Module:
+        return self.teacher.network.backbone

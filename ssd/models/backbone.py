@@ -1,0 +1,56 @@
+"""Backbones are plain timm models, so an exported state dict loads into timm without translation.
+
+ViTs are built with `dynamic_img_size=True`: the position embedding is interpolated to each input size, which
+lets global and local crops share the same weights. Other architectures (ResNet, ConvNeXt) return pooled
+features because the classifier is removed (`num_classes=0`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import timm
+import torch.nn as nn
+from timm.models.vision_transformer import VisionTransformer
+
+
+def is_vit(arch: str) -> bool:
+    return arch.startswith(("vit_", "deit_", "eva02_")) or "vit" in arch.split("_")[0]
+
+
+def timm_kwargs(model_cfg: Any) -> dict:
+    """The keyword arguments ssd passes to `timm.create_model` for this config (also written on export)."""
+    kwargs: dict = {"num_classes": 0, "drop_path_rate": float(model_cfg.drop_path_rate)}
+    if is_vit(model_cfg.arch):
+        kwargs.update(img_size=int(model_cfg.img_size), dynamic_img_size=True)
+        if model_cfg.patch_size:
+            kwargs["patch_size"] = int(model_cfg.patch_size)
+        if model_cfg.num_registers:
+            kwargs["reg_tokens"] = int(model_cfg.num_registers)
+    elif model_cfg.num_registers:
+        raise ValueError(f"model.num_registers needs a ViT; '{model_cfg.arch}' is not one: set it to 0")
+    kwargs.update(dict(model_cfg.timm_kwargs or {}))
+    return kwargs
+
+
+def build_backbone(model_cfg: Any) -> nn.Module:
+    """A randomly initialised timm model whose forward returns pooled features (B, D)."""
+    if model_cfg.arch not in timm.list_models():
+        import difflib
+
+        close = difflib.get_close_matches(model_cfg.arch, timm.list_models(), n=3)
+        raise ValueError(f"unknown timm architecture '{model_cfg.arch}'; close names: {', '.join(close)}")
+    model = timm.create_model(model_cfg.arch, pretrained=False, **timm_kwargs(model_cfg))
+    if not hasattr(model, "num_features"):
+        raise ValueError(f"timm model '{model_cfg.arch}' has no num_features; it cannot be a backbone here")
+    return model
+
+
+def embed_dim(backbone: nn.Module) -> int:
+    return int(backbone.num_features)
+
+
+def patch_size_of(backbone: nn.Module) -> int | None:
+    if isinstance(backbone, VisionTransformer):
+        return int(backbone.patch_embed.patch_size[0])
+    return None

@@ -1,0 +1,33 @@
+"""Backbone + head applied to a list of crops of mixed resolutions.
+
+Crops of the same resolution are concatenated and go through the backbone in one forward pass (the 2 global
+crops together, the local crops together); the head then runs once on all the pooled features.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+
+class MultiCropEncoder(nn.Module):
+    def __init__(self, backbone: nn.Module, head: nn.Module):
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+
+    def backbone_features(self, crops: list[torch.Tensor]) -> torch.Tensor:
+        """crops: V tensors (B, 3, H_v, W_v) -> pooled features (V * B, D), in crop order."""
+        outputs = []
+        start = 0
+        while start < len(crops):
+            end = start
+            while end < len(crops) and crops[end].shape[-2:] == crops[start].shape[-2:]:
+                end += 1
+            outputs.append(self.backbone(torch.cat(crops[start:end])))
+            start = end
+        return torch.cat(outputs)
+
+    def forward(self, crops: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        features = self.backbone_features(crops)  # (V * B, D)
+        return features, self.head(features)  # (V * B, D), (V * B, K)

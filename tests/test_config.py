@@ -1,0 +1,84 @@
+"""Config: recipes, overrides, validation messages, the resolved config in the run folder reproduces the run."""
+
+import pytest
+import yaml
+
+from ssd.config import ConfigError, RECIPES_DIR, load_config
+from tests.tiny import assert_bitwise_equal, final_weights, run_training, tiny_overrides
+
+
+@pytest.mark.parametrize("recipe", sorted(p.stem for p in RECIPES_DIR.glob("*.yaml")))
+def test_every_recipe_loads(recipe):
+    cfg = load_config(recipe, ["data.root=/somewhere"])
+    assert cfg.recipe == recipe and cfg.method.name == "dino"
+
+
+def test_paper_recipe_has_dino_defaults():
+    cfg = load_config("dino_vit_small16_imagenet", [])
+    assert (cfg.model.arch, cfg.head.out_dim, cfg.train.batch_size, cfg.train.epochs) == (
+        "vit_small_patch16_224", 65536, 1024, 100)
+    assert (cfg.crops.global_size, cfg.crops.local_number, cfg.crops.local_size) == (224, 8, 96)
+    assert list(cfg.crops.global_scale) == [0.4, 1.0] and list(cfg.crops.local_scale) == [0.05, 0.4]
+    assert (cfg.method.momentum_teacher, cfg.method.student_temp, cfg.method.teacher_temp) == (0.996, 0.1, 0.04)
+    assert (cfg.optim.base_lr, cfg.optim.weight_decay, cfg.optim.weight_decay_end) == (0.0005, 0.04, 0.4)
+    assert (cfg.optim.clip_grad, cfg.optim.freeze_last_layer_epochs, cfg.model.drop_path_rate) == (3.0, 1, 0.1)
+
+
+def test_overrides_are_typed():
+    cfg = load_config(None, ["optim.base_lr=1e-3", "crops.local_number=2", "train.compile=true",
+                             "crops.local_scale=[0.1,0.3]", "model.timm_kwargs.depth=4"])
+    assert cfg.optim.base_lr == 0.001 and cfg.crops.local_number == 2 and cfg.train.compile is True
+    assert list(cfg.crops.local_scale) == [0.1, 0.3] and cfg.model.timm_kwargs.depth == 4
+
+
+@pytest.mark.parametrize("override,message", [
+    ("optim.bse_lr=1", "unknown config key 'optim.bse_lr' in command-line overrides: did you mean 'optim.base_lr'?"),
+    ("trian.epochs=3", "did you mean 'train.epochs'?"),
+    ("optim.base_lr=fast", "bad value for config key 'optim.base_lr' in command-line overrides: got 'fast', "
+                           "expected float"),
+    ("crops.local_number=2.5", "key 'crops.local_number'"),
+    ("train.precision=fp8", "expected one of auto, fp32, bf16, fp16"),
+    ("crops.global_scale=[0.4]", "needs two numbers"),
+    ("train.batch_size=0", "must be positive"),
+    ("data.dataset=imagefolder", "needs data.root"),
+    ("optim.base_lr", "not of the form key=value"),
+])
+def test_bad_overrides_fail_with_clear_messages(override, message):
+    with pytest.raises(ConfigError) as error:
+        load_config(None, [override])
+    assert message in str(error.value)
+
+
+def test_unknown_key_in_recipe_file_names_file_and_nearest_key(tmp_path):
+    recipe = tmp_path / "mine.yaml"
+    recipe.write_text("optim:\n  weight_decy: 0.1\n")
+    with pytest.raises(ConfigError, match=r"unknown config key 'optim.weight_decy' in recipe .*mine.yaml: "
+                                          r"did you mean 'optim.weight_decay'\?"):
+        load_config(str(recipe), [])
+
+
+def test_unknown_recipe_lists_the_known_ones():
+    with pytest.raises(ConfigError, match="dino_digits_demo"):
+        load_config("no_such_recipe", [])
+
+
+def test_cli_reports_config_errors_before_running(tmp_path):
+    import subprocess
+    import sys
+
+    from tests.tiny import REPO, subprocess_env
+
+    result = subprocess.run([sys.executable, "-m", "ssd.train", "optim.bse_lr=1", f"output.root={tmp_path}"],
+                            cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "did you mean 'optim.base_lr'" in result.stderr
+    assert not any(tmp_path.iterdir())
+
+
+def test_saved_config_reproduces_the_run(tmp_path):
+    run_training(tiny_overrides(tmp_path, "first", "train.max_steps=3"))
+    saved = tmp_path / "first" / "config.yaml"
+    values = yaml.safe_load(saved.read_text())
+    assert values["train"]["max_steps"] == 3 and values["output"]["run_name"] == "first"
+    run_training(["--config", str(saved), "output.run_name=again"])
+    assert_bitwise_equal(final_weights(tmp_path / "again"), final_weights(tmp_path / "first"))

@@ -1,0 +1,97 @@
+"""Schedules (lr, weight decay, momentum, teacher temperature), the EMA teacher and the DINO head."""
+
+import math
+
+import pytest
+import torch
+
+from ssd.config import load_config
+from ssd.engine.optim import clip_gradients, parameter_groups
+from ssd.engine.schedules import TrainingSchedule, cosine, linear_warmup_constant, warmup_cosine
+from ssd.models.dino_head import DINOHead
+from ssd.teachers import EMATeacher
+
+
+def test_warmup_cosine_lr():
+    peak, end, warmup, total = 1.0, 0.01, 10, 110
+    assert warmup_cosine(0, total, warmup, peak, end) == 0.0
+    assert warmup_cosine(5, total, warmup, peak, end) == pytest.approx(0.5)
+    assert warmup_cosine(10, total, warmup, peak, end) == pytest.approx(peak)
+    assert warmup_cosine(60, total, warmup, peak, end) == pytest.approx((peak + end) / 2)
+    assert warmup_cosine(110, total, warmup, peak, end) == pytest.approx(end)
+    values = [warmup_cosine(s, total, warmup, peak, end) for s in range(10, 111)]
+    assert all(a >= b for a, b in zip(values, values[1:]))
+
+
+def test_cosine_and_teacher_temperature():
+    assert cosine(0, 100, 0.996, 1.0) == pytest.approx(0.996)
+    assert cosine(100, 100, 0.996, 1.0) == pytest.approx(1.0)
+    assert cosine(50, 100, 0.04, 0.4) == pytest.approx(0.22)
+    assert linear_warmup_constant(0, 30, 0.04, 0.07) == pytest.approx(0.04)
+    assert linear_warmup_constant(15, 30, 0.04, 0.07) == pytest.approx(0.055)
+    assert linear_warmup_constant(45, 30, 0.04, 0.07) == pytest.approx(0.07)
+
+
+def test_training_schedule_follows_the_dino_recipe():
+    cfg = load_config("dino_vit_small16_imagenet", ["data.root=/tmp"])
+    schedule = TrainingSchedule(cfg, steps_per_epoch=1251, world_batch=1024)
+    assert schedule.peak_lr == pytest.approx(0.0005 * 1024 / 256)
+    first, last = schedule(0), schedule(schedule.total_steps)
+    assert first["lr"] == 0.0 and first["freeze_last_layer"] and not schedule(1251)["freeze_last_layer"]
+    assert schedule(10 * 1251)["lr"] == pytest.approx(0.002)
+    assert first["weight_decay"] == pytest.approx(0.04) and last["weight_decay"] == pytest.approx(0.4)
+    assert first["teacher_momentum"] == pytest.approx(0.996) and last["teacher_momentum"] == pytest.approx(1.0)
+    assert last["lr"] == pytest.approx(1e-6)
+
+
+def test_ema_teacher_update_and_no_gradients():
+    torch.manual_seed(0)
+    student = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.LayerNorm(3))
+    teacher = EMATeacher.from_student(student)
+    before = [p.detach().clone() for p in teacher.parameters()]
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(1.0)
+    teacher.update(student, momentum=0.9)
+    for old, new, s in zip(before, teacher.parameters(), student.parameters()):
+        torch.testing.assert_close(new, 0.9 * old + 0.1 * s)
+        assert not new.requires_grad
+    teacher.train()
+    assert not teacher.training and not teacher.network.training
+    teacher.update(student, momentum=1.0)  # momentum 1 (end of training) freezes the teacher
+    frozen = [p.detach().clone() for p in teacher.parameters()]
+    teacher.update(student, momentum=1.0)
+    assert all(torch.equal(a, b) for a, b in zip(frozen, teacher.parameters()))
+
+
+def test_dino_head_shapes_and_normalised_last_layer():
+    head = DINOHead(192, out_dim=1000, hidden_dim=64, bottleneck_dim=32, nlayers=3, norm_last_layer=True)
+    out = head(torch.randn(5, 192))
+    assert out.shape == (5, 1000)
+    weight = head.last_layer.weight  # (K, bottleneck); rows are unit vectors when g is fixed at 1
+    torch.testing.assert_close(weight.norm(dim=1), torch.ones(1000))
+    trainable = {n for n, p in head.named_parameters() if p.requires_grad}
+    assert "last_layer.parametrizations.weight.original0" not in trainable
+    assert DINOHead(8, out_dim=4, norm_last_layer=False).last_layer.parametrizations.weight.original0.requires_grad
+
+
+def test_no_weight_decay_on_biases_and_norms():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+    decay, no_decay = parameter_groups(model)
+    assert [p.shape for p in decay["params"]] == [torch.Size([4, 4])]
+    assert len(no_decay["params"]) == 3
+
+
+@pytest.mark.parametrize("mode", ["per_param", "global"])
+def test_gradient_clipping(mode):
+    params = [torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(4))]
+    params[0].grad = torch.tensor([3.0, 4.0, 0.0])  # norm 5
+    params[1].grad = torch.tensor([0.0, 0.0, 0.0, 0.5])  # norm 0.5
+    total = clip_gradients(params, max_norm=1.0, mode=mode)
+    assert total.item() == pytest.approx(math.sqrt(25.25))
+    if mode == "per_param":
+        assert params[0].grad.norm().item() == pytest.approx(1.0, rel=1e-4)
+        assert params[1].grad.norm().item() == pytest.approx(0.5)
+    else:
+        total_after = math.sqrt(params[0].grad.norm() ** 2 + params[1].grad.norm() ** 2)
+        assert total_after == pytest.approx(1.0, rel=1e-4)
