@@ -1,0 +1,109 @@
+"""DINO's multi-crop augmentation (Caron et al. 2021, Sec. 3.1 and Appendix) with torchvision.transforms.v2.
+
+Each image gives 2 global crops (large, seen by teacher and student) and `local_number` local crops (small,
+student only). The three pipelines differ only in crop size/scale, blur probability and solarization:
+
+    view        RandomResizedCrop scale   blur p   solarize p
+    global 1    global_scale              1.0      0.0
+    global 2    global_scale              0.1      0.2
+    local       local_scale               0.5      0.0
+
+All views share: horizontal flip p=0.5, ColorJitter(0.4, 0.4, 0.2, 0.1) with p=0.8, grayscale p=0.2.
+The transforms draw from torch's global RNG; `SeededCropsDataset` seeds it per sample for reproducibility.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from PIL import Image
+from torchvision.transforms import v2
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+BLUR_SIGMA = (0.1, 2.0)
+SOLARIZE_THRESHOLD = 128  # on 0..255 values: the transforms run on PIL (uint8) images
+BICUBIC = v2.InterpolationMode.BICUBIC
+
+
+def blur_kernel_size(crop_size: int) -> int:
+    """Odd Gaussian kernel of about 10% of the crop side, at least 3 (SimCLR's rule; DINO used PIL's radius).
+
+    224 -> 23, 96 -> 9. At the largest sigma (2.0) a 23-tap kernel covers +-5.5 sigma, a 9-tap one +-2 sigma:
+    sigma sets the blur strength, the kernel only has to be wide enough not to truncate it badly.
+    """
+    size = max(3, crop_size // 10)
+    return size if size % 2 == 1 else size + 1
+
+
+def _normalize(mean: Sequence[float], std: Sequence[float]) -> list:
+    """PIL image -> float32 tensor (3, H, W), normalised, as a plain torch.Tensor (not a tv_tensors.Image)."""
+    return [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std), v2.ToPureTensor()]
+
+
+def _view_pipeline(
+    size: int, scale: tuple[float, float], blur_p: float, solarize_p: float, mean, std
+) -> v2.Compose:
+    steps = [
+        v2.RandomResizedCrop(size, scale=scale, interpolation=BICUBIC),
+        v2.RandomHorizontalFlip(p=0.5),
+        v2.RandomApply([v2.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)], p=0.8),
+        v2.RandomGrayscale(p=0.2),
+        v2.RandomApply([v2.GaussianBlur(blur_kernel_size(size), sigma=BLUR_SIGMA)], p=blur_p),
+    ]
+    if solarize_p > 0:
+        steps.append(v2.RandomSolarize(threshold=SOLARIZE_THRESHOLD, p=solarize_p))
+    return v2.Compose(steps + _normalize(mean, std))
+
+
+class MultiCropAugmentation:
+    """PIL image -> [global_1, global_2, local_1, ..., local_n]: 2 tensors (3, G, G), n tensors (3, L, L)."""
+
+    def __init__(
+        self,
+        global_size: int = 224,
+        global_scale: tuple[float, float] = (0.4, 1.0),
+        local_number: int = 8,
+        local_size: int = 96,
+        local_scale: tuple[float, float] = (0.05, 0.4),
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+    ):
+        if local_number < 0:
+            raise ValueError(f"local_number must be >= 0, got {local_number}")
+        self.global_size = global_size
+        self.local_size = local_size
+        self.local_number = local_number
+        global_scale, local_scale = tuple(global_scale), tuple(local_scale)
+        self.global_transform_1 = _view_pipeline(global_size, global_scale, 1.0, 0.0, mean, std)
+        self.global_transform_2 = _view_pipeline(global_size, global_scale, 0.1, 0.2, mean, std)
+        self.local_transform = _view_pipeline(local_size, local_scale, 0.5, 0.0, mean, std)
+
+    @property
+    def num_views(self) -> int:
+        return 2 + self.local_number
+
+    def __call__(self, image: Image.Image) -> list[torch.Tensor]:
+        crops = [self.global_transform_1(image), self.global_transform_2(image)]
+        crops.extend(self.local_transform(image) for _ in range(self.local_number))
+        return crops
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(global 2 x {self.global_size}px, local {self.local_number} x "
+            f"{self.local_size}px)"
+        )
+
+
+def eval_transform(
+    resize_size: int = 256,
+    crop_size: int = 224,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+) -> v2.Compose:
+    """The standard evaluation view: shorter side to resize_size (bicubic), centre crop_size, normalise."""
+    return v2.Compose(
+        [v2.Resize(resize_size, interpolation=BICUBIC), v2.CenterCrop(crop_size)] + _normalize(mean, std)
+    )

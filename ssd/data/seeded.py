@@ -1,0 +1,102 @@
+"""Reproducible augmentation: the crops of a sample depend only on (seed, epoch, index).
+
+DataLoader workers each own an RNG whose state depends on the worker count and on which worker got which
+batch, so a resumed run (or a run with a different `num_workers` or number of processes) would see different
+crops. Seeding torch's RNG from (seed, epoch, index) around each sample's transform removes that dependence:
+the sampler hands out `(epoch, index)` keys and the crops follow from them alone.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from ssd.data.image_io import UnreadableImageError
+
+BAD_IMAGE_POLICIES = ("skip", "fail")
+
+# Unreadable files skipped in this process (each DataLoader worker counts its own).
+_skipped_in_process = 0
+
+
+class BadImageWarning(UserWarning):
+    """An unreadable image was replaced by another one (data.on_bad_image=skip)."""
+
+
+def mix_seeds(*values: int) -> int:
+    """Hash non-negative integers into one 64-bit seed with numpy's SeedSequence.
+
+    A plain sum would make (epoch=1, index=0) and (epoch=0, index=1) share crops; SeedSequence mixes its
+    inputs so that nearby tuples give unrelated seeds.
+    """
+    if any(value < 0 for value in values):
+        raise ValueError(f"seeds must be non-negative integers, got {values}")
+    return int(np.random.SeedSequence([int(value) for value in values]).generate_state(1, dtype=np.uint64)[0])
+
+
+class SeededCropsDataset(Dataset):
+    """Wraps a data set (see `ImageDataset`) and a transform; item `(epoch, index)` -> seeded sample dict.
+
+    Returns {"crops": transform(image), "label": int, "index": int}. "index" is the index of the image that
+    was actually used: it differs from the requested one only when an unreadable image was skipped.
+    on_bad_image="skip": warn (BadImageWarning) and use the next readable image, (index + 1) % len, ...
+    on_bad_image="fail": raise UnreadableImageError naming the file.
+    """
+
+    def __init__(self, dataset: Any, transform: Callable, seed: int = 0, on_bad_image: str = "skip"):
+        if on_bad_image not in BAD_IMAGE_POLICIES:
+            raise ValueError(f"on_bad_image must be one of {BAD_IMAGE_POLICIES}, got {on_bad_image!r}")
+        self.dataset = dataset
+        self.transform = transform
+        self.seed = seed
+        self.on_bad_image = on_bad_image
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]) -> dict:
+        epoch, index = key
+        image, label, used_index = self._load_readable(int(index))
+        # The seed comes from the requested index, not the substitute, so a skip changes nothing else.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(mix_seeds(self.seed, epoch, index))
+            crops = self.transform(image)
+        return {"crops": crops, "label": int(label), "index": used_index}
+
+    def _load_readable(self, index: int):
+        global _skipped_in_process
+        size = len(self.dataset)
+        for attempt in range(size):
+            candidate = (index + attempt) % size
+            try:
+                image, label = self.dataset.load(candidate)
+                return image, label, candidate
+            except UnreadableImageError as error:
+                if self.on_bad_image == "fail":
+                    raise UnreadableImageError(
+                        error.path, f"{error.reason} (set data.on_bad_image=skip to skip unreadable images)"
+                    ) from error
+                _skipped_in_process += 1
+                warnings.warn(
+                    f"skipping unreadable image {self.dataset.describe(candidate)} ({error.reason}); "
+                    f"{_skipped_in_process} skipped so far in this process",
+                    BadImageWarning,
+                    stacklevel=2,
+                )
+        raise RuntimeError(f"all {size} images of {self.dataset!r} are unreadable")
+
+
+def collate_crops(samples: list[dict]) -> dict:
+    """Stack per-sample dicts into {"crops": V tensors (B, 3, H, W), "labels": (B,), "indices": (B,)}."""
+    num_views = len(samples[0]["crops"])
+    crops = [torch.stack([sample["crops"][view] for sample in samples]) for view in range(num_views)]
+    return {
+        "crops": crops,
+        "labels": torch.tensor([sample["label"] for sample in samples], dtype=torch.long),
+        "indices": torch.tensor([sample["index"] for sample in samples], dtype=torch.long),
+    }

@@ -1,0 +1,85 @@
+"""Shared pytest fixtures: the real CIFAR-10 copy beside the checkout, a tiny ImageFolder of real files."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CIFAR10_ZIP = REPO_ROOT.parent / "shared" / "data" / "cifar10-jpeg.zip"
+ZIP_TOP_FOLDER = "cifar10"  # the zip holds cifar10/train/<class>/*.jpg and cifar10/test/...
+
+
+def data_cache_dir() -> Path:
+    return Path(os.environ.get("SSD_DATA_CACHE") or Path.home() / ".cache" / "ssd-data").expanduser()
+
+
+@pytest.fixture(scope="session")
+def cifar10_root() -> Path:
+    """Folder holding CIFAR-10's train/ and test/ ImageFolder copies, extracted once from the shared zip."""
+    cache = data_cache_dir()
+    target = cache / ZIP_TOP_FOLDER
+    if (target / "train").is_dir() and (target / "test").is_dir():
+        return target
+    if not CIFAR10_ZIP.is_file():
+        pytest.skip(f"CIFAR-10 zip not found at {CIFAR10_ZIP} (expected ../shared/data/ beside the checkout)")
+    cache.mkdir(parents=True, exist_ok=True)
+    # Extract beside the target and rename: an interrupted extraction or a concurrent test session never
+    # leaves a half-filled folder under the final name.
+    staging = Path(tempfile.mkdtemp(prefix=".cifar10-extract-", dir=cache))
+    try:
+        with zipfile.ZipFile(CIFAR10_ZIP) as archive:
+            archive.extractall(staging)
+        try:
+            os.rename(staging / ZIP_TOP_FOLDER, target)
+        except OSError:
+            if not (target / "train").is_dir():  # lost a race to another session: its copy is complete
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+@pytest.fixture
+def torch_single_thread():
+    """One intra-op thread for the test: on tiny tensors more threads only add overhead, and on a busy 2-core
+    machine they wait on each other (a 30x slowdown was seen). DataLoader workers already use one each."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _pattern(colour: tuple[int, int, int], period: int, checks: bool, size: int = 40) -> np.ndarray:
+    """(size, size, 3) uint8: horizontal stripes or a checkerboard of `colour` on a dark background."""
+    rows, columns = np.mgrid[0:size, 0:size]  # (size, size) each
+    on = (rows // period + (columns // period if checks else 0)) % 2 == 0
+    image = np.full((size, size, 3), 20, dtype=np.uint8)
+    image[on] = colour
+    return image
+
+
+@pytest.fixture
+def tiny_image_folder(tmp_path: Path) -> Path:
+    """ImageFolder root with classes `blue_checks` and `red_stripes`, 6 real 40x40 images each (JPEG and PNG).
+
+    Every image differs (colour shade and pattern period), so tests can tell images apart.
+    """
+    root = tmp_path / "tiny_image_folder"
+    for class_name, checks in [("blue_checks", True), ("red_stripes", False)]:
+        (root / class_name).mkdir(parents=True)
+        for number in range(6):
+            shade = 120 + 20 * number
+            colour = (0, 40, shade) if checks else (shade, 30, 10)
+            extension = "jpg" if number % 2 == 0 else "png"
+            image = Image.fromarray(_pattern(colour, period=2 + number, checks=checks))
+            image.save(root / class_name / f"{number:02d}.{extension}")
+    return root
