@@ -77,7 +77,7 @@ class Trainer:
             generator=torch.Generator().manual_seed(cfg.train.seed),
         )
         self.schedule = TrainingSchedule(cfg, self.steps_per_epoch, cfg.train.batch_size)
-        self.optimizer = build_optimizer(self.method, cfg.optim.betas)
+        self.optimizer = build_optimizer(self.method, cfg.optim.betas, self.device)
         self.trainable = [p for p in self.method.parameters() if p.requires_grad]
         self.amp_dtype = autocast_dtype(cfg.train.precision, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
