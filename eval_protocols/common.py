@@ -1,0 +1,120 @@
+"""What the protocol commands share: command-line options, loading the backbone, features of a data split
+(through the cache when asked), distributed set-up and JSON reports.
+
+Imports of ssd's training-side modules stay inside functions so that ``knn_classify`` can be imported by any
+code without pulling in the data or model stack.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import types
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("weights", help="run folder, ssd checkpoint (.pt), ssd export (folder or .safetensors), "
+                                        "or an official DINO / DINOv2 .pth")
+    parser.add_argument("--which", choices=("teacher", "student"), default="teacher",
+                        help="backbone to evaluate (DINO evaluates the teacher)")
+    group = parser.add_argument_group("architecture of official weights (ssd files record their own)")
+    group.add_argument("--arch", default=None, help="timm name, e.g. vit_small_patch16_224, vit_small_patch14_dinov2")
+    group.add_argument("--img-size", type=int, default=224, help="position-embedding grid size in pixels")
+    group.add_argument("--patch-size", type=int, default=0, help="0 keeps the architecture's own")
+    group.add_argument("--num-registers", type=int, default=0)
+    group.add_argument("--timm-kwargs", type=json.loads, default={},
+                       help='JSON of extra timm arguments, e.g. \'{"init_values": 1e-5}\' for DINOv2')
+    parser.add_argument("--device", default=None, help="cuda / cpu (default: cuda when available)")
+
+
+def add_data_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("data")
+    group.add_argument("--dataset", default="imagefolder", help="digits | cifar10 | imagefolder")
+    group.add_argument("--data-root", default="", help="data set folder (with train/ and test/ or val/)")
+    group.add_argument("--train-split", default="train")
+    group.add_argument("--test-split", default="test", help="e.g. val for ImageNet")
+    group.add_argument("--resize", type=int, default=256, help="shorter side before the centre crop")
+    group.add_argument("--crop", type=int, default=224, help="centre crop size (e.g. --resize 32 --crop 32 on CIFAR)")
+    group.add_argument("--batch-size", type=int, default=128, help="images per process per step")
+    group.add_argument("--num-workers", type=int, default=4)
+    group.add_argument("--cache-dir", default=None,
+                       help="keep extracted features here; reused only for the same weights, transform and data")
+
+
+def init_distributed() -> None:
+    """Join the process group when started by torchrun / SLURM (WORLD_SIZE > 1); no-op otherwise."""
+    from ssd.engine.distributed import init_distributed as init
+
+    init("auto")
+
+
+def is_main_process() -> bool:
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def load_backbone(args: argparse.Namespace):
+    """``(backbone, info)`` for the command's weights; ``info`` has the model config, mean, std and file."""
+    from ssd.checkpoint_import import load_backbone_for_eval
+
+    official = None
+    if args.arch:
+        official = {"arch": args.arch, "img_size": args.img_size, "patch_size": args.patch_size,
+                    "num_registers": args.num_registers, "timm_kwargs": args.timm_kwargs, "drop_path_rate": 0.0}
+    return load_backbone_for_eval(args.weights, args.which, official)
+
+
+def build_split(args: argparse.Namespace, split: str):
+    from ssd.data import build_dataset
+
+    return build_dataset(types.SimpleNamespace(dataset=args.dataset, root=args.data_root, split=split), split)
+
+
+def features_for_split(args, backbone, info: dict, split: str, kind: str = "pooled", n_last_blocks: int = 4):
+    """Features of a split with the centre-crop transform: ``(features, labels)`` where features is a tensor
+    for kind="pooled" and the dict of ``features.extract`` for kind="tokens"."""
+    from eval_protocols.cache import cached_extract
+    from ssd.data import eval_transform
+
+    transform = eval_transform(args.resize, args.crop, info["mean"], info["std"])
+    dataset = build_split(args, split)
+    description = {"weights": weights_identity(info["file"], args.which), "transform": repr(transform),
+                   "data": {"dataset": args.dataset, "root": str(Path(args.data_root).resolve()), "split": split,
+                            "images": len(dataset)}}
+    outputs, labels = cached_extract(
+        args.cache_dir, description, backbone, dataset, transform, kind=kind, n_last_blocks=n_last_blocks,
+        batch_size=args.batch_size, num_workers=args.num_workers, device=args.device,
+    )
+    return (outputs["pooled"] if kind == "pooled" else outputs), labels
+
+
+def weights_identity(path: str | Path, which: str) -> dict:
+    """What distinguishes one weights file from another without hashing gigabytes: path, size, mtime."""
+    stat = Path(path).stat()
+    return {"file": str(Path(path).resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "which": which}
+
+
+def report_header(args: argparse.Namespace, info: dict, **sizes) -> dict:
+    return {
+        "weights": info["file"], "which": args.which, "arch": info["model"]["arch"],
+        "dataset": args.dataset, "data_root": args.data_root, "train_split": args.train_split,
+        "test_split": args.test_split, "resize": args.resize, "crop": args.crop, **sizes,
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+    }
+
+
+def write_json(path: str | Path, report: dict) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(json.dumps(report, indent=2) + "\n")
+    os.replace(temporary, path)
+
+
+def default_device(device: str | None) -> torch.device:
+    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))

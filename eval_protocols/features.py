@@ -1,0 +1,145 @@
+"""Frozen-backbone feature extraction, on one process or many, with an optional on-disk cache.
+
+Every protocol reads features through here. The backbone runs in eval mode without gradients (autocast on
+GPU). Two kinds of output:
+
+- ``pooled``: the backbone's own output (B, D), the CLS token for a ViT: what k-NN uses;
+- ``tokens``: for ViTs, ``cls`` (B, n, D), the normed CLS token of each of the last n blocks, and
+  ``patch_mean`` (B, D), the mean of the last block's patch tokens (registers excluded): what the linear
+  protocol concatenates. ``pooled`` comes with it.
+
+Under torch.distributed each process extracts an interleaved shard; after every batch the shards are
+all-gathered and written at their dataset indices, so every process ends with the features in dataset order.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+import torch.distributed as dist
+from timm.models.vision_transformer import VisionTransformer
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+KINDS = ("pooled", "tokens")
+
+
+class TransformedDataset(Dataset):
+    """An ssd dataset (``load(index) -> (PIL image, label)``) seen through ``transform``, restricted to
+    ``indices``; items carry their dataset index so shards can be put back in order."""
+
+    def __init__(self, dataset, transform, indices: list[int]):
+        self.dataset, self.transform, self.indices = dataset, transform, indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, position: int):
+        index = self.indices[position]
+        image, label = self.dataset.load(index)
+        return self.transform(image), int(label), index
+
+
+def backbone_outputs(backbone: torch.nn.Module, images: torch.Tensor, kind: str, n_last_blocks: int = 4) -> dict:
+    """Features of one batch: ``{"pooled": (B, D)}``, plus ``cls`` / ``patch_mean`` for kind="tokens"."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown feature kind {kind!r}; expected one of {KINDS}")
+    if kind == "pooled" or not isinstance(backbone, VisionTransformer):
+        # Non-ViTs have no tokens: their pooled output is what both protocols use (as in DINO's ResNet eval).
+        return {"pooled": backbone(images)}
+    # One pass gives every block's output; norm=True applies the final LayerNorm to each, as DINO's
+    # get_intermediate_layers does, so the last block's CLS equals the pooled output.
+    blocks = backbone.forward_intermediates(
+        images, indices=n_last_blocks, norm=True, output_fmt="NLC", return_prefix_tokens=True,
+        intermediates_only=True,
+    )  # n x (patch tokens (B, L, D), prefix tokens (B, 1 + registers, D))
+    cls = torch.stack([prefix[:, 0] for _, prefix in blocks], dim=1)  # (B, n, D), oldest block first
+    return {"pooled": backbone(images) if backbone.global_pool != "token" else cls[:, -1],
+            "cls": cls, "patch_mean": blocks[-1][0].mean(dim=1)}
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _gather(tensor: torch.Tensor, world_size: int) -> torch.Tensor:
+    """All processes' ``tensor`` (same shape everywhere) concatenated along dim 0, rank by rank."""
+    if world_size == 1:
+        return tensor
+    pieces = [torch.empty_like(tensor) for _ in range(world_size)]
+    dist.all_gather(pieces, tensor.contiguous())
+    return torch.cat(pieces)
+
+
+def autocast_for(device: torch.device):
+    if device.type == "cuda":
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.autocast("cuda", dtype=dtype)
+    return torch.autocast("cpu", enabled=False)  # CPU autocast is slower than float32 for these models
+
+
+@torch.no_grad()
+def extract(
+    backbone: torch.nn.Module,
+    dataset,
+    transform,
+    kind: str = "pooled",
+    n_last_blocks: int = 4,
+    batch_size: int = 128,
+    num_workers: int = 4,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+) -> tuple[dict, torch.Tensor]:
+    """Features of every image of ``dataset`` in dataset order: ``({name: (N, ...) float32}, labels (N,))``."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    rank, world_size = _world()
+    num_images = len(dataset)
+    # Each process takes every world_size-th image; the shards are padded with a repeat of the first images
+    # so that all processes run the same number of batches (a collective per batch needs that).
+    per_process = math.ceil(num_images / world_size)
+    shard = [(rank + world_size * i) % num_images for i in range(per_process)]
+    loader = DataLoader(TransformedDataset(dataset, transform, shard), batch_size=batch_size,
+                        num_workers=num_workers, pin_memory=device.type == "cuda")
+    was_training = backbone.training
+    backbone.eval().to(device)
+    storage: dict[str, torch.Tensor] = {}
+    labels = torch.full((num_images,), -1, dtype=torch.long)
+    bar = tqdm(total=num_images, unit="img", desc="features", disable=not progress or rank != 0, smoothing=0.1)
+    started = time.perf_counter()
+    for images, batch_labels, indices in loader:
+        with autocast_for(device):
+            outputs = backbone_outputs(backbone, images.to(device, non_blocking=True), kind, n_last_blocks)
+        # Gathered on the compute device (NCCL needs GPU tensors), stored on CPU: a 1.28M x 1024 bank would
+        # not fit next to the model on most GPUs.
+        indices = _gather(indices.to(device), world_size).cpu()
+        labels[indices] = _gather(batch_labels.to(device), world_size).cpu()
+        for name, value in outputs.items():
+            value = _gather(value.float(), world_size).cpu()
+            if name not in storage:
+                storage[name] = torch.zeros((num_images, *value.shape[1:]), dtype=torch.float32)
+            storage[name][indices] = value
+        bar.update(min(len(indices), num_images - bar.n))
+    bar.close()
+    if rank == 0 and progress:
+        elapsed = time.perf_counter() - started
+        print(f"extracted {num_images} images in {elapsed:.1f}s ({num_images / max(elapsed, 1e-9):.1f} img/s)")
+    backbone.train(was_training)
+    return storage, labels
+
+
+def extract_features(
+    backbone: torch.nn.Module,
+    dataset,
+    transform,
+    batch_size: int = 128,
+    num_workers: int = 4,
+    device: str | torch.device | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pooled features (N, D) and labels (N,) of ``dataset`` in its order (the k-NN input)."""
+    outputs, labels = extract(backbone, dataset, transform, "pooled", batch_size=batch_size,
+                              num_workers=num_workers, device=device)
+    return outputs["pooled"], labels

@@ -1,0 +1,223 @@
+"""Backbone weights from any file ssd meets, loaded into ssd's (timm) backbone with strict key checking.
+
+Accepted: an ssd checkpoint or run folder, an ssd export (folder or ``.safetensors``), and the official
+DINO and DINOv2 layouts: released backbone weights, DINO's full ``checkpoint.pth`` (``teacher`` /
+``student`` with ``backbone.`` and DDP ``module.`` prefixes), DINOv2's ``teacher_checkpoint.pth`` and its
+training checkpoints (``model`` with ``teacher.backbone.`` keys, blocks in ``BlockChunk``s, registers,
+``mask_token``, SwiGLU ``w12`` / ``w3``).
+
+Nothing executes pickled code: ``.pt``/``.pth`` files are read with ``torch.load(weights_only=True)``; the
+only class allowed beyond tensors is ``argparse.Namespace``, which DINO stores its arguments in.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import pickle
+import re
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from timm.layers import resample_abs_pos_embed
+from timm.models.vision_transformer import VisionTransformer
+
+EXPORT_WEIGHTS = "model.safetensors"
+EXPORT_CONFIG = "config.json"
+
+
+class WeightsError(RuntimeError):
+    """Weights that cannot be read or do not fit the backbone; the message says which keys and what to do."""
+
+
+def resolve_weights_path(path: str | Path) -> Path:
+    """The weights file behind ``path``: itself, an export folder's safetensors, or a run's newest checkpoint."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        if (path / EXPORT_WEIGHTS).is_file():
+            return path / EXPORT_WEIGHTS
+        from ssd.engine.checkpoint import find_latest_checkpoint
+
+        newest = find_latest_checkpoint(path)
+        if newest is None:
+            raise WeightsError(f"{path} holds neither {EXPORT_WEIGHTS} nor a readable checkpoint_*.pt")
+        return newest
+    if not path.is_file():
+        raise WeightsError(f"weights file not found: {path}")
+    return path
+
+
+def read_weights_file(path: str | Path) -> dict:
+    """The raw content of a weights file, without executing any pickled code."""
+    path = resolve_weights_path(path)
+    if path.suffix == ".safetensors":
+        return load_file(path)
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        reason = str(error).strip().splitlines()[0][:300]
+        raise WeightsError(
+            f"refusing to load {path}: it holds pickled objects other than tensors ({reason}). Unpickling them "
+            "could run arbitrary code. If you trust the file, re-save only its state dict (tensors) and retry."
+        ) from error
+    except (RuntimeError, EOFError, OSError) as error:
+        raise WeightsError(f"cannot read {path} ({type(error).__name__}: {error}); is it truncated?") from error
+
+
+def is_native(content: dict) -> bool:
+    """True for ssd's own files (timm key layout); False for official DINO / DINOv2 files."""
+    return content.get("format") == "ssd.checkpoint" or content.get("__format__") == "ssd.export"
+
+
+def select_backbone_state(content: dict, which: str = "teacher") -> dict[str, torch.Tensor]:
+    """The backbone's state dict inside a checkpoint of any supported layout, prefixes removed."""
+    if which not in ("teacher", "student"):
+        raise ValueError(f"which must be 'teacher' or 'student', not {which!r}")
+    content = {k: v for k, v in content.items() if k != "__format__"}
+    if content.get("format") == "ssd.checkpoint":
+        state = content["method"]
+        prefix = f"{which}.backbone."
+    elif isinstance(content.get(which), dict):  # DINO checkpoint.pth, DINOv2 teacher_checkpoint.pth
+        state, prefix = content[which], ""
+    elif isinstance(content.get("model"), dict):  # DINOv2 (fvcore) training checkpoint
+        state, prefix = content["model"], f"{which}."
+    else:  # released weights: the backbone's own state dict
+        state, prefix = content, ""
+    state = {k.removeprefix("module."): v for k, v in state.items() if torch.is_tensor(v)}  # DDP wrapper
+    if prefix:
+        state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    if any(k.startswith("backbone.") for k in state):  # drop DINO / iBOT heads kept beside the backbone
+        state = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
+    if not state:
+        raise WeightsError(f"no {which} backbone weights found (top-level keys: {sorted(content)[:12]})")
+    return state
+
+
+def convert_official_vit(state: dict[str, torch.Tensor], model: VisionTransformer) -> dict[str, torch.Tensor]:
+    """Official DINO / DINOv2 ViT keys and token layout -> the layout of the timm ``model``."""
+    converted = {}
+    for key, value in state.items():
+        if key == "mask_token":  # iBOT's masked-patch embedding; a plain timm ViT has no use for it
+            continue
+        key = re.sub(r"^blocks\.\d+\.(\d+)\.", r"blocks.\1.", key)  # BlockChunk: inner indices are global
+        key = re.sub(r"\.mlp\.w12\.", ".mlp.fc1.", key)  # SwiGLU: timm's packed fc1 holds w12 as-is
+        key = re.sub(r"\.mlp\.w3\.", ".mlp.fc2.", key)
+        converted[key] = value
+    if "register_tokens" in converted:
+        converted["reg_token"] = converted.pop("register_tokens")
+    if "pos_embed" not in converted or model.pos_embed is None:
+        return converted
+    # Official position embeddings cover [CLS, patches]; registers get none. timm either adds the CLS
+    # position into the CLS token (no_embed_class) or expects positions for every prefix token, where zeros
+    # for the registers reproduce "no position" exactly.
+    pos_cls, pos_patches = converted["pos_embed"][:, :1], converted["pos_embed"][:, 1:]
+    grid = model.patch_embed.grid_size
+    if pos_patches.shape[1] != grid[0] * grid[1]:
+        pos_patches = resample_abs_pos_embed(pos_patches, new_size=list(grid), num_prefix_tokens=0)
+    if model.no_embed_class:
+        converted["cls_token"] = converted["cls_token"] + pos_cls
+        converted["pos_embed"] = pos_patches
+    else:
+        registers = torch.zeros(1, model.num_prefix_tokens - 1, pos_cls.shape[-1], dtype=pos_cls.dtype)
+        converted["pos_embed"] = torch.cat([pos_cls, registers, pos_patches], dim=1)
+    return converted
+
+
+def _hints(missing: list[str], unexpected: list[str]) -> list[str]:
+    hints = []
+    if any(".ls1." in k for k in unexpected):
+        hints.append("the weights use LayerScale (DINOv2): set model.timm_kwargs.init_values=1e-5")
+    if "reg_token" in unexpected:
+        hints.append("the weights have register tokens: set model.num_registers to their number")
+    if "reg_token" in missing:
+        hints.append("the model has register tokens the weights lack: set model.num_registers=0")
+    return hints
+
+
+def load_state_strict(backbone: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """``load_state_dict`` that fails with every missing, unexpected and mis-shaped key named."""
+    expected = backbone.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    mismatched = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(v.shape)}"
+                  for k, v in expected.items() if k in state and state[k].shape != v.shape]
+    if missing or unexpected or mismatched:
+        lines = [f"weights from {source} do not fit the backbone ({type(backbone).__name__}):"]
+        for title, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", mismatched)):
+            if keys:
+                lines.append(f"  {title} ({len(keys)}): {', '.join(keys[:10])}{' ...' if len(keys) > 10 else ''}")
+        lines += [f"  hint: {hint}" for hint in _hints(missing, unexpected)]
+        lines.append("  check model.arch / img_size / patch_size / num_registers against the weights")
+        raise WeightsError("\n".join(lines))
+    backbone.load_state_dict(state, strict=True)
+
+
+def load_state_from_content(backbone: torch.nn.Module, content: dict, which: str, source: str) -> None:
+    """Load the ``which`` backbone of already-read file ``content`` (see ``read_weights_file``)."""
+    state = select_backbone_state(content, which)
+    if not is_native(content) and isinstance(backbone, VisionTransformer):
+        state = convert_official_vit(state, backbone)
+    load_state_strict(backbone, state, source)
+
+
+def read_weights(path: str | Path) -> tuple[Path, dict]:
+    """``(file, content)``: the file behind ``path`` and what it holds, exports marked as such."""
+    path = resolve_weights_path(path)
+    content = read_weights_file(path)
+    if path.suffix == ".safetensors":
+        content = {**content, "__format__": "ssd.export"}
+    return path, content
+
+
+def load_backbone_weights(backbone: torch.nn.Module, path: str | Path, which: str = "teacher") -> Path:
+    """Load the ``which`` backbone of any supported file into ``backbone``; returns the file actually read.
+
+    This is what ``model.pretrained`` plugs into: call it on the freshly built student (and teacher)."""
+    path, content = read_weights(path)
+    load_state_from_content(backbone, content, which, str(path))
+    return path
+
+
+def model_info(path: Path, content: dict) -> dict | None:
+    """``{"model": model-config dict, "mean", "std"}`` recorded by an ssd checkpoint or export, else None."""
+    if path.suffix == ".safetensors":
+        config_file = path.with_name(EXPORT_CONFIG)
+        if not config_file.is_file():
+            return None
+        config = json.loads(config_file.read_text())
+        return {"model": config["ssd"]["model"], "mean": config["pretrained_cfg"]["mean"],
+                "std": config["pretrained_cfg"]["std"]}
+    if content.get("format") != "ssd.checkpoint":
+        return None
+    config = content["config"]
+    return {"model": dict(config["model"]), "mean": list(config["data"]["mean"]), "std": list(config["data"]["std"])}
+
+
+def model_config(values: dict):
+    """An ``ssd.config.ModelConfig`` from a plain dict; keys unknown to this version are dropped, and
+    ``pretrained`` is cleared so that building the backbone never reads a second file."""
+    from ssd.config import ModelConfig
+
+    names = {f.name for f in dataclasses.fields(ModelConfig)}
+    return ModelConfig(**{**{k: v for k, v in values.items() if k in names}, "pretrained": ""})
+
+
+def load_backbone_for_eval(path: str | Path, which: str = "teacher", model_values: dict | None = None):
+    """A backbone built from the architecture the file records (or ``model_values`` for official files that
+    record none) with its weights loaded: ``(backbone, info)``, info holding model config, mean, std and file.
+    The file is read once: a run's checkpoint can hold gigabytes of optimizer state."""
+    from ssd.models.backbone import build_backbone
+
+    path, content = read_weights(path)
+    info = model_info(path, content) or {"model": None, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+    values = info["model"] or model_values
+    if values is None:
+        raise WeightsError(f"{path} does not record its architecture (official DINO/DINOv2 file): pass --arch "
+                           "(and --img-size / --patch-size / --num-registers / --timm-kwargs as needed)")
+    backbone = build_backbone(model_config(values))
+    load_state_from_content(backbone, content, which, str(path))
+    info.update(file=str(path), model=dataclasses.asdict(model_config(values)))
+    return backbone, info

@@ -1,0 +1,124 @@
+"""Export a checkpoint's backbone (teacher by default) for use outside ssd.
+
+    python -m ssd.export checkpoints/my_run --out exports/my_run
+
+writes ``exports/my_run/model.safetensors`` (the timm state dict) and ``exports/my_run/config.json`` (timm's
+Hugging Face layout: architecture, constructor arguments, normalisation, plus an ``ssd`` section saying where
+the weights came from). Either standard timm path loads it:
+
+    timm.create_model("local-dir:exports/my_run", pretrained=True)
+    timm.create_model(<architecture>, pretrained=True, **<model_args>,
+                      pretrained_cfg_overlay=dict(file="exports/my_run/model.safetensors"))
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+import timm
+import torch
+from safetensors.torch import save_file
+
+from ssd.checkpoint_import import (
+    EXPORT_CONFIG,
+    EXPORT_WEIGHTS,
+    WeightsError,
+    load_state_from_content,
+    model_config,
+    read_weights,
+)
+
+FORMAT_VERSION = 1
+
+
+def export_config(backbone: torch.nn.Module, model_cfg, mean, std, source: dict) -> dict:
+    """timm's ``config.json`` for ``backbone`` built from ``model_cfg`` (an ``ssd.config.ModelConfig``)."""
+    from ssd.models.backbone import patch_size_of, timm_kwargs
+
+    # Training-only arguments would change nothing at inference but make the export look like a training model.
+    model_args = {k: v for k, v in timm_kwargs(model_cfg).items() if k not in ("drop_path_rate", "drop_rate")}
+    size = int(model_cfg.img_size)
+    return {
+        "architecture": model_cfg.arch,
+        "num_classes": 0,
+        "num_features": int(backbone.num_features),
+        "model_args": model_args,
+        "pretrained_cfg": {
+            "input_size": [3, size, size],
+            "mean": [float(m) for m in mean],
+            "std": [float(s) for s in std],
+            "crop_pct": 0.875,  # resize 256 / crop 224, as the k-NN and linear protocols evaluate
+            "interpolation": "bicubic",
+            "fixed_input_size": False,  # ssd's ViTs interpolate their position embedding
+            "num_classes": 0,
+        },
+        "ssd": {
+            "format_version": FORMAT_VERSION,
+            "image_size": size,
+            "patch_size": patch_size_of(backbone),  # None for non-ViTs
+            "num_registers": int(model_cfg.num_registers),
+            "model": dataclasses.asdict(model_cfg),
+            **source,
+        },
+    }
+
+
+def write_export(backbone: torch.nn.Module, config: dict, out_dir: str | Path) -> Path:
+    """Write weights and config; each file goes to a temporary name first so a crash leaves no half export."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # safetensors refuses tensors that share memory or are non-contiguous views, so each is copied.
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in backbone.state_dict().items()}
+    temporary = out_dir / f".{EXPORT_WEIGHTS}.tmp"
+    save_file(tensors, temporary, metadata={"format": "pt", "architecture": config["architecture"]})
+    os.replace(temporary, out_dir / EXPORT_WEIGHTS)
+    temporary = out_dir / f".{EXPORT_CONFIG}.tmp"
+    temporary.write_text(json.dumps(config, indent=2) + "\n")
+    os.replace(temporary, out_dir / EXPORT_CONFIG)
+    return out_dir
+
+
+def export_backbone(checkpoint: str | Path, out_dir: str | Path, which: str = "teacher") -> Path:
+    """Export the ``which`` backbone of an ssd checkpoint (file or run folder) to ``out_dir``."""
+    from ssd.models.backbone import build_backbone
+
+    path, state = read_weights(checkpoint)
+    if state.get("format") != "ssd.checkpoint":
+        raise WeightsError(f"{path} is not an ssd checkpoint; export reads ssd runs (official weights already "
+                           "load with ssd.checkpoint_import.load_backbone_weights)")
+    model_cfg = model_config(dict(state["config"]["model"]))
+    backbone = build_backbone(model_cfg)
+    load_state_from_content(backbone, state, which, str(path))
+    data = state["config"].get("data", {})
+    mean, std = data.get("mean", [0.485, 0.456, 0.406]), data.get("std", [0.229, 0.224, 0.225])
+    source = {"checkpoint": str(path.resolve()), "which": which, "step": state.get("step"),
+              "method": state["config"].get("method", {}).get("name")}
+    return write_export(backbone, export_config(backbone, model_cfg, mean, std, source), out_dir)
+
+
+def load_export(out_dir: str | Path) -> torch.nn.Module:
+    """The exported backbone as a timm model, through timm's own ``local-dir:`` loader."""
+    return timm.create_model(f"local-dir:{Path(out_dir).resolve()}", pretrained=True)
+
+
+def main(argv=None) -> Path:
+    parser = argparse.ArgumentParser(prog="python -m ssd.export", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("checkpoint", help="ssd checkpoint file or run folder (its newest checkpoint is used)")
+    parser.add_argument("--out", required=True, help="output folder (model.safetensors + config.json)")
+    parser.add_argument("--which", choices=("teacher", "student"), default="teacher",
+                        help="which backbone to export; the teacher is the one DINO evaluates")
+    args = parser.parse_args(argv)
+    out_dir = export_backbone(args.checkpoint, args.out, args.which)
+    config = json.loads((out_dir / EXPORT_CONFIG).read_text())
+    print(f"exported the {args.which} backbone of {config['ssd']['checkpoint']} to {out_dir}")
+    print(f"  timm.create_model('local-dir:{out_dir.resolve()}', pretrained=True)")
+    return out_dir
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,185 @@
+"""Export to timm (safetensors + config.json) and import of ssd, DINO and DINOv2 checkpoint layouts."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import re
+
+import pytest
+import timm
+import torch
+from timm.models.vision_transformer import checkpoint_filter_fn
+
+from ssd.checkpoint_import import WeightsError, load_backbone_for_eval, load_backbone_weights
+from ssd.config import ModelConfig
+from ssd.engine.checkpoint import save_checkpoint
+from ssd.export import export_backbone, load_export, main
+from ssd.models.backbone import build_backbone
+
+TINY = dict(arch="vit_tiny_patch16_224", img_size=32, patch_size=8, drop_path_rate=0.1)
+
+
+def backbone(seed: int, **changes) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return build_backbone(ModelConfig(**{**TINY, "timm_kwargs": {"depth": 2}, **changes})).eval()
+
+
+def ssd_checkpoint(path, model_cfg: ModelConfig, teacher, student):
+    method = {**{f"teacher.backbone.{k}": v for k, v in teacher.state_dict().items()},
+              **{f"student.backbone.{k}": v for k, v in student.state_dict().items()},
+              "teacher.head.last_layer.weight": torch.zeros(4, 3), "center": torch.zeros(1, 4)}
+    config = {"model": dataclasses.asdict(model_cfg), "data": {"mean": [0.5, 0.4, 0.3], "std": [0.2, 0.2, 0.2]},
+              "method": {"name": "dino"}}
+    return save_checkpoint(path, {"config": config, "step": 12, "epoch": 1, "method": method})
+
+
+@pytest.fixture
+def run_with_registers(tmp_path):
+    model_cfg = ModelConfig(**TINY, num_registers=2, timm_kwargs={"depth": 2})
+    teacher, student = backbone(0, num_registers=2), backbone(1, num_registers=2)
+    ssd_checkpoint(tmp_path / "run" / "checkpoint_00000012.pt", model_cfg, teacher, student)
+    return tmp_path / "run", teacher, student
+
+
+def test_export_loads_in_timm_with_identical_features(run_with_registers, tmp_path):
+    run_dir, teacher, _ = run_with_registers
+    out = main([str(run_dir), "--out", str(tmp_path / "export")])
+    config = json.loads((out / "config.json").read_text())
+    assert config["architecture"] == "vit_tiny_patch16_224"
+    assert config["model_args"]["reg_tokens"] == 2 and config["model_args"]["patch_size"] == 8
+    assert config["pretrained_cfg"]["mean"] == [0.5, 0.4, 0.3] and config["ssd"]["which"] == "teacher"
+    assert config["ssd"]["step"] == 12 and config["ssd"]["patch_size"] == 8 and config["ssd"]["num_registers"] == 2
+
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = teacher(images)
+        via_local_dir = load_export(out).eval()(images)
+        via_file = timm.create_model(config["architecture"], pretrained=True, **config["model_args"],
+                                     pretrained_cfg_overlay=dict(file=str(out / "model.safetensors"))).eval()(images)
+    assert torch.equal(via_local_dir, expected) and torch.equal(via_file, expected)
+
+
+def test_student_export_and_reimport(run_with_registers, tmp_path):
+    run_dir, _, student = run_with_registers
+    out = export_backbone(run_dir, tmp_path / "student_export", which="student")
+    reloaded, info = load_backbone_for_eval(out)  # an export records its architecture
+    assert info["mean"] == [0.5, 0.4, 0.3]
+    for key, value in student.state_dict().items():
+        assert torch.equal(reloaded.state_dict()[key], value), key
+
+
+def test_ssd_checkpoint_loads_teacher_or_student(run_with_registers):
+    run_dir, teacher, student = run_with_registers
+    for which, expected in (("teacher", teacher), ("student", student)):
+        model = backbone(5, num_registers=2)
+        load_backbone_weights(model, run_dir, which)
+        assert all(torch.equal(model.state_dict()[k], v) for k, v in expected.state_dict().items())
+
+
+def test_official_dino_checkpoint_layouts(tmp_path):
+    teacher, student = backbone(0), backbone(1)
+    full = {  # DINO's checkpoint.pth: DDP-wrapped student, plain teacher, heads beside the backbones
+        "student": {**{f"module.backbone.{k}": v for k, v in student.state_dict().items()},
+                    "module.head.last_layer.weight_g": torch.ones(4, 1)},
+        "teacher": {**{f"backbone.{k}": v for k, v in teacher.state_dict().items()},
+                    "head.mlp.0.weight": torch.ones(8, 192)},
+        "optimizer": {"state": {}, "param_groups": []}, "epoch": 3, "dino_loss": {"center": torch.zeros(1, 4)},
+        "args": argparse.Namespace(arch="vit_tiny", patch_size=8, out_dim=4),
+    }
+    torch.save(full, tmp_path / "checkpoint.pth")
+    torch.save(teacher.state_dict(), tmp_path / "dino_vittiny8_pretrain.pth")  # the released weights
+    for file, which, expected in (("checkpoint.pth", "teacher", teacher), ("checkpoint.pth", "student", student),
+                                  ("dino_vittiny8_pretrain.pth", "teacher", teacher)):
+        model = backbone(7)
+        load_backbone_weights(model, tmp_path / file, which)
+        assert all(torch.equal(model.state_dict()[k], v) for k, v in expected.state_dict().items()), (file, which)
+
+
+def official_dinov2_state(depth=2, dim=192, grid=4, patch=8, registers=2, seed=0) -> dict:
+    """A state dict with DINOv2's key names and shapes (dinov2/models/vision_transformer.py), random values."""
+    generator = torch.Generator().manual_seed(seed)
+    def rand(*shape):
+        return 0.02 * torch.randn(*shape, generator=generator)
+    state = {"cls_token": rand(1, 1, dim), "pos_embed": rand(1, 1 + grid * grid, dim), "mask_token": rand(1, dim),
+             "register_tokens": rand(1, registers, dim), "patch_embed.proj.weight": rand(dim, 3, patch, patch),
+             "patch_embed.proj.bias": rand(dim), "norm.weight": 1 + rand(dim), "norm.bias": rand(dim)}
+    for i in range(depth):
+        for name, shape in (("norm1.weight", (dim,)), ("norm1.bias", (dim,)), ("attn.qkv.weight", (3 * dim, dim)),
+                            ("attn.qkv.bias", (3 * dim,)), ("attn.proj.weight", (dim, dim)),
+                            ("attn.proj.bias", (dim,)), ("ls1.gamma", (dim,)), ("norm2.weight", (dim,)),
+                            ("norm2.bias", (dim,)), ("mlp.fc1.weight", (4 * dim, dim)), ("mlp.fc1.bias", (4 * dim,)),
+                            ("mlp.fc2.weight", (dim, 4 * dim)), ("mlp.fc2.bias", (dim,)), ("ls2.gamma", (dim,))):
+            state[f"blocks.{i}.{name}"] = rand(*shape) + (1 if name.endswith("norm1.weight") else 0)
+    return state
+
+
+def in_block_chunks(key: str, blocks_per_chunk: int = 1) -> str:
+    """DINOv2 training keys: blocks.<chunk>.<global index>. (BlockChunk pads earlier slots with Identity)."""
+    return re.sub(r"^blocks\.(\d+)\.", lambda m: f"blocks.{int(m.group(1)) // blocks_per_chunk}.{m.group(1)}.", key)
+
+
+def dinov2_backbone(no_embed_class: bool, img_size: int = 32):
+    kwargs = {"depth": 2, "init_values": 1e-5, "no_embed_class": no_embed_class}
+    return backbone(3, num_registers=2, img_size=img_size, timm_kwargs=kwargs)
+
+
+@pytest.mark.parametrize("official_grid", [4, 6])  # 6: trained at another resolution, position grid resampled
+def test_official_dinov2_with_registers_matches_timm_conversion(tmp_path, official_grid):
+    official = official_dinov2_state(grid=official_grid)
+    chunked = {"model": {**{f"teacher.backbone.{in_block_chunks(k)}": v for k, v in official.items()},
+                         "teacher.dino_head.mlp.0.weight": torch.zeros(3, 3)}, "iteration": 10}
+    torch.save(official, tmp_path / "dinov2_vitt8_reg2_pretrain.pth")
+    torch.save({"teacher": {f"backbone.{k}": v for k, v in official.items()}}, tmp_path / "teacher_checkpoint.pth")
+    torch.save(chunked, tmp_path / "model_0000009.rank_0.pth")  # BlockChunk keys: blocks.<chunk>.<index>
+
+    # Reference: timm's own DINOv2 conversion, into the no_embed_class layout timm uses for DINOv2 + registers.
+    reference = dinov2_backbone(no_embed_class=True)
+    reference.load_state_dict(checkpoint_filter_fn(dict(official), reference))
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = reference(images)
+    for file in ("dinov2_vitt8_reg2_pretrain.pth", "teacher_checkpoint.pth", "model_0000009.rank_0.pth"):
+        for no_embed_class in (True, False):  # ssd's default ViT layout gives registers (zero) positions
+            model = dinov2_backbone(no_embed_class)
+            load_backbone_weights(model, tmp_path / file)
+            with torch.no_grad():
+                torch.testing.assert_close(model(images), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_mismatched_weights_name_keys_and_hint(tmp_path):
+    torch.save(official_dinov2_state(registers=2), tmp_path / "dinov2.pth")
+    with pytest.raises(WeightsError) as error:  # no LayerScale and no registers in the model
+        load_backbone_weights(backbone(0), tmp_path / "dinov2.pth")
+    message = str(error.value)
+    assert "unexpected" in message and "blocks.0.ls1.gamma" in message and "reg_token" in message
+    assert "init_values" in message and "num_registers" in message
+
+
+def test_official_file_needs_an_architecture(tmp_path):
+    torch.save(backbone(0).state_dict(), tmp_path / "dino.pth")
+    with pytest.raises(WeightsError, match="--arch"):
+        load_backbone_for_eval(tmp_path / "dino.pth")
+    model, info = load_backbone_for_eval(tmp_path / "dino.pth", model_values={**TINY, "timm_kwargs": {"depth": 2}})
+    assert info["model"]["arch"] == TINY["arch"]
+
+
+class _Payload:
+    """Unpickling this would create a file: a stand-in for any code a malicious checkpoint could run."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.mkdir, (self.marker,))
+
+
+def test_malicious_pickle_is_refused(tmp_path):
+    marker = tmp_path / "pwned"
+    torch.save({"teacher": {"backbone.cls_token": torch.zeros(1)}, "evil": _Payload(str(marker))},
+               tmp_path / "evil.pth")
+    with pytest.raises(WeightsError, match="refusing to load .*evil.pth.*arbitrary code"):
+        load_backbone_weights(backbone(0), tmp_path / "evil.pth")
+    assert not marker.exists()
