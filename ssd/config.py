@@ -11,7 +11,7 @@ from __future__ import annotations
 import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, ValidationError
@@ -31,7 +31,7 @@ class ModelConfig:
     patch_size: int = 0  # 0 keeps the timm architecture's own patch size
     drop_path_rate: float = 0.1
     num_registers: int = 0  # register tokens (Darcet et al. 2024); 0 for plain DINO
-    timm_kwargs: Dict[str, Any] = field(default_factory=dict)  # passed as-is to timm.create_model
+    timm_kwargs: dict[str, Any] = field(default_factory=dict)  # passed as-is to timm.create_model
     pretrained: str = ""  # optional weights file to start from (ssd checkpoint/export, official DINO/DINOv2)
 
 
@@ -65,17 +65,17 @@ class DataConfig:
     holdout_fraction: float = 0.2  # digits only: share held out as the k-NN test split
     on_bad_image: str = "skip"  # skip (warn, count, use the next image) | fail
     num_workers: int = 8
-    mean: List[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
-    std: List[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
+    std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
 
 
 @dataclass
 class CropsConfig:
     global_size: int = 224
-    global_scale: List[float] = field(default_factory=lambda: [0.4, 1.0])
+    global_scale: list[float] = field(default_factory=lambda: [0.4, 1.0])
     local_number: int = 8
     local_size: int = 96
-    local_scale: List[float] = field(default_factory=lambda: [0.05, 0.4])
+    local_scale: list[float] = field(default_factory=lambda: [0.05, 0.4])
 
 
 @dataclass
@@ -86,7 +86,7 @@ class OptimConfig:
     warmup_epochs: int = 10
     weight_decay: float = 0.04
     weight_decay_end: float = 0.4
-    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     clip_grad: float = 3.0  # 0 disables clipping
     clip_mode: str = "per_param"  # per_param (official DINO) | global (clip_grad_norm_ over all parameters)
     freeze_last_layer_epochs: int = 1
@@ -127,7 +127,7 @@ class LogConfig:
 @dataclass
 class EvalConfig:
     knn: bool = False  # after training: k-NN of frozen teacher features vs. random init vs. raw pixels
-    knn_k: List[int] = field(default_factory=lambda: [10, 20, 100, 200])
+    knn_k: list[int] = field(default_factory=lambda: [10, 20, 100, 200])
     knn_temperature: float = 0.07
     test_split: str = "test"
     resize_size: int = 256

@@ -13,6 +13,9 @@ import pytest
 import torch
 from PIL import Image
 
+# The real SLURM cluster fixture (started on demand by the tests that need it).
+pytest_plugins = ["tests.slurm_cluster"]
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CIFAR10_ZIP = REPO_ROOT.parent / "shared" / "data" / "cifar10-jpeg.zip"
 ZIP_TOP_FOLDER = "cifar10"  # the zip holds cifar10/train/<class>/*.jpg and cifar10/test/...

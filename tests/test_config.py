@@ -3,7 +3,7 @@
 import pytest
 import yaml
 
-from ssd.config import ConfigError, RECIPES_DIR, load_config
+from ssd.config import RECIPES_DIR, ConfigError, load_config
 from tests.tiny import assert_bitwise_equal, final_weights, run_training, tiny_overrides
 
 

@@ -9,7 +9,7 @@ from ssd.config import load_config
 from ssd.engine.optim import clip_gradients, parameter_groups
 from ssd.engine.schedules import TrainingSchedule, cosine, linear_warmup_constant, warmup_cosine
 from ssd.models.dino_head import DINOHead
-from ssd.teachers import EMATeacher
+from ssd.teachers import ema_update, frozen_copy
 
 
 def test_warmup_cosine_lr():
@@ -47,21 +47,33 @@ def test_training_schedule_follows_the_dino_recipe():
 def test_ema_teacher_update_and_no_gradients():
     torch.manual_seed(0)
     student = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.LayerNorm(3))
-    teacher = EMATeacher.from_student(student)
+    teacher = frozen_copy(student)
     before = [p.detach().clone() for p in teacher.parameters()]
     with torch.no_grad():
         for p in student.parameters():
             p.add_(1.0)
-    teacher.update(student, momentum=0.9)
+    ema_update(teacher, student, momentum=0.9)
     for old, new, s in zip(before, teacher.parameters(), student.parameters()):
         torch.testing.assert_close(new, 0.9 * old + 0.1 * s)
         assert not new.requires_grad
-    teacher.train()
-    assert not teacher.training and not teacher.network.training
-    teacher.update(student, momentum=1.0)  # momentum 1 (end of training) freezes the teacher
+    assert not teacher.training
+    ema_update(teacher, student, momentum=1.0)  # momentum 1 (end of training) freezes the teacher
     frozen = [p.detach().clone() for p in teacher.parameters()]
-    teacher.update(student, momentum=1.0)
+    ema_update(teacher, student, momentum=1.0)
     assert all(torch.equal(a, b) for a, b in zip(frozen, teacher.parameters()))
+
+
+def test_dino_teacher_stays_in_eval_mode_and_mirrors_student_keys():
+    from ssd.methods.dino import DINO
+
+    cfg = load_config(None, ["model.timm_kwargs.depth=1", "head.out_dim=16"])
+    method = DINO(cfg).train()
+    assert method.student.training and not method.teacher.training
+    assert not any(module.training for module in method.teacher.modules())
+    keys = method.state_dict().keys()
+    student = {k.removeprefix("student.") for k in keys if k.startswith("student.")}
+    assert student == {k.removeprefix("teacher.") for k in keys if k.startswith("teacher.")}
+    assert "teacher.backbone.cls_token" in keys and "loss.center" in keys
 
 
 def test_dino_head_shapes_and_normalised_last_layer():

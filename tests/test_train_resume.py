@@ -5,8 +5,15 @@ import signal
 import subprocess
 import time
 
-from tests.tiny import (REPO, assert_bitwise_equal, final_weights, run_training, subprocess_env, tiny_overrides,
-                        train_command)
+from tests.tiny import (
+    REPO,
+    assert_bitwise_equal,
+    final_weights,
+    run_training,
+    subprocess_env,
+    tiny_overrides,
+    train_command,
+)
 
 # 36 images / batch 8 = 4 steps per epoch; 10 epochs; checkpoints every 3 steps, so the kill lands mid-epoch.
 LONG = ("train.epochs=10", "data.num_workers=1")

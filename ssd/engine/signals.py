@@ -7,10 +7,15 @@ import signal
 import threading
 
 _stop = threading.Event()
+_stop_signal: int | None = None
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR2)
 
 
-def request_stop(*_args) -> None:
+def request_stop(signum: int | None = None, _frame=None) -> None:
+    """Signal handler, or a direct call from code (then `signum` is None)."""
+    global _stop_signal
+    if signum is not None:
+        _stop_signal = signum
     _stop.set()
 
 
@@ -18,7 +23,15 @@ def stop_requested() -> bool:
     return _stop.is_set()
 
 
+def stop_signal() -> int | None:
+    """Which signal asked the engine to stop (None: no signal, or a caller without one). The SLURM job uses
+    it to requeue after SIGUSR2 (time limit) but not after SIGTERM (scancel, preemption by SLURM itself)."""
+    return _stop_signal
+
+
 def clear_stop() -> None:
+    global _stop_signal
+    _stop_signal = None
     _stop.clear()
 
 

@@ -82,7 +82,7 @@ class Trainer:
         self.amp_dtype = autocast_dtype(cfg.train.precision, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         if cfg.train.compile:
-            for module in (self.method.student.backbone, self.method.teacher.network.backbone):
+            for module in (self.method.student.backbone, self.method.teacher.backbone):
                 module.compile()
         self.model = self.method
         if world > 1:

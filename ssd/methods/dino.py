@@ -14,7 +14,7 @@ from ssd.models.backbone import build_backbone
 from ssd.models.dino_head import DINOHead
 from ssd.models.multicrop import MultiCropEncoder
 from ssd.monitors import collapse_statistics
-from ssd.teachers import EMATeacher
+from ssd.teachers import ema_update, frozen_copy, keep_eval
 
 NUM_GLOBAL_VIEWS = 2
 
@@ -38,15 +38,17 @@ class DINO(nn.Module):
         )
         self.student = MultiCropEncoder(backbone, head)
         # The teacher starts as an exact copy of the student (same random init), as in the paper.
-        self.teacher = EMATeacher.from_student(self.student)
+        self.teacher = frozen_copy(self.student)
         self.loss = DINOLoss(cfg.head.out_dim, cfg.method.student_temp, cfg.method.center_momentum)
+
+    def train(self, mode: bool = True) -> DINO:
+        super().train(mode)
+        keep_eval(self.teacher)
+        return self
 
     def last_layer_parameters(self) -> list[nn.Parameter]:
         """Parameters frozen during the first `optim.freeze_last_layer_epochs` epochs."""
         return list(self.student.head.last_layer.parameters())
-
-    def trainable_modules(self) -> nn.Module:
-        return self.student
 
     def forward(self, batch: dict, schedule: dict) -> tuple[torch.Tensor, dict]:
         crops = batch["crops"]  # V tensors (B, 3, H, W): 2 global crops first, then the local crops
@@ -69,7 +71,7 @@ class DINO(nn.Module):
     @torch.no_grad()
     def after_step(self, schedule: dict) -> None:
         self.loss.update_center()
-        self.teacher.update(self.student, schedule["teacher_momentum"])
+        ema_update(self.teacher, self.student, schedule["teacher_momentum"])
 
     def teacher_backbone(self) -> nn.Module:
-        return self.teacher.network.backbone
+        return self.teacher.backbone

@@ -1,0 +1,1 @@
+"""How a run starts: ``python -m ssd.train`` / torchrun locally, ``python -m launchers.slurm`` on a SLURM cluster."""
