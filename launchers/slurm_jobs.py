@@ -50,14 +50,6 @@ def _setup_logging() -> None:
                         format=f"%(asctime)s [rank {_rank()}] %(levelname)s %(message)s", datefmt="%H:%M:%S")
 
 
-def _stop_signal() -> int | None:
-    """Which signal made the engine stop (None if it does not know)."""
-    from ssd.engine import signals
-
-    getter = getattr(signals, "stop_signal", None)
-    return getter() if getter is not None else None
-
-
 class TrainJob(submitit.helpers.Checkpointable):
     """Pretraining with a fully resolved config (a plain dict, so the pickle does not depend on OmegaConf)."""
 
@@ -96,7 +88,9 @@ class TrainJob(submitit.helpers.Checkpointable):
 
     def _leave_after_stop(self, result: dict, submitit_handler) -> None:
         """The engine saved a checkpoint at ``result["step"]`` and stopped early: requeue or just leave."""
-        stop_signal = _stop_signal()
+        from ssd.engine.signals import stop_signal as engine_stop_signal
+
+        stop_signal = engine_stop_signal()
         if _rank() == 0:
             if stop_signal == requeue_signal():
                 log.info("stopped at step %d on %s: requeuing the job to resume from there",

@@ -77,8 +77,12 @@ def test_batch_script_is_not_a_distributed_step():
 
 @pytest.fixture
 def clean_env(monkeypatch):
+    # setenv first so monkeypatch records every name, also absent ones: export_distributed_env() writes
+    # os.environ directly, and those writes must be undone after the test, or later tests (and the training
+    # processes they start) would wait for peers of a fake 8-rank job.
     for name in (*TORCH_VARIABLES, *SRUN_STEP):
-        monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
     return monkeypatch
 
 

@@ -107,3 +107,20 @@ def test_gradient_clipping(mode):
     else:
         total_after = math.sqrt(params[0].grad.norm() ** 2 + params[1].grad.norm() ** 2)
         assert total_after == pytest.approx(1.0, rel=1e-4)
+
+
+def test_collapse_monitors_tell_uniform_from_one_hot_from_healthy():
+    from ssd.monitors import collapse_kind, collapse_statistics
+
+    torch.manual_seed(0)
+    features = torch.randn(64, 32)
+    uniform = torch.full((64, 100), 0.01)
+    one_hot = torch.nn.functional.one_hot(torch.full((64,), 3), 100).float()
+    healthy = torch.nn.functional.one_hot(torch.arange(64), 100).float()  # sharp, a different prototype each
+    assert collapse_kind(collapse_statistics(uniform, features)) == "uniform"
+    assert collapse_kind(collapse_statistics(one_hot, features)) == "one-hot"
+    stats = collapse_statistics(healthy, features)
+    assert collapse_kind(stats) is None
+    assert stats["teacher_kl_uniform"] == pytest.approx(math.log(100) - math.log(64), abs=1e-4)
+    collapsed_features = collapse_statistics(healthy, torch.ones(64, 32))["teacher_feature_std"]
+    assert collapsed_features == pytest.approx(0.0, abs=1e-6) and stats["teacher_feature_std"] > 0.05

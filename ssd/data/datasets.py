@@ -1,6 +1,6 @@
-"""All data sets, and `build_dataset`: the one way a config names a data set (data.dataset=... data.root=...).
+"""`build_dataset`: the one way a config names a data set (data.dataset=... data.root=...).
 
-The classes live in small files (`folders.py`, `cifar10.py`, `digits.py`); import them from here.
+The classes live in small files (`folders.py`, `cifar10.py`, `digits.py`); `ssd.data` exports them all.
 """
 
 from __future__ import annotations
@@ -8,34 +8,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ssd.data.cifar10 import CIFAR10_CLASSES, CIFAR10Dataset
+from ssd.data.cifar10 import CIFAR10Dataset
 from ssd.data.digits import DigitsDataset
-from ssd.data.folders import (
-    UNLABELED,
-    DatasetError,
-    FileListDataset,
-    ImageDataset,
-    ImageFolderDataset,
-    UnlabeledFolderDataset,
-    find_images,
-)
+from ssd.data.folders import DatasetError, ImageDataset, ImageFolderDataset, UnlabeledFolderDataset
 
 DATASET_NAMES = ("digits", "cifar10", "imagefolder", "folder")
-
-__all__ = [
-    "CIFAR10_CLASSES",
-    "DATASET_NAMES",
-    "UNLABELED",
-    "CIFAR10Dataset",
-    "DatasetError",
-    "DigitsDataset",
-    "FileListDataset",
-    "ImageDataset",
-    "ImageFolderDataset",
-    "UnlabeledFolderDataset",
-    "build_dataset",
-    "find_images",
-]
 
 
 def build_dataset(cfg: Any, split: str | None = None) -> ImageDataset:

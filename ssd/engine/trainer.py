@@ -217,6 +217,7 @@ class Trainer:
         try:
             batches = self._batches()
             window_start, window_steps = time.perf_counter(), 0
+            images_per_second = 0.0  # over the last log window, for the progress bar
             while self.step < total_steps:
                 schedule = self.schedule(self.step)
                 flags, grad_norm, outputs = self.train_step(batches, schedule)
@@ -229,7 +230,7 @@ class Trainer:
                     images_per_second = window_steps * cfg.train.batch_size / max(elapsed, 1e-9)
                     self._log(writer, schedule, mean_loss, grad_norm, images_per_second, outputs)
                     window_start, window_steps = time.perf_counter(), 0
-                bar.update(1, loss=mean_loss)
+                bar.update(1, loss=mean_loss, images_per_s=images_per_second)
 
                 stop = flags[2] > 0
                 if self.step % cfg.checkpoint.every_steps == 0 or self.step == total_steps or stop:
