@@ -245,6 +245,11 @@ def load_config(recipe: str | None = None, overrides: list[str] | tuple[str, ...
     override_values = OmegaConf.from_dotlist(list(overrides))
     _check_known_keys(_flat_keys(OmegaConf.to_container(override_values)), "command-line overrides")
     cfg = _merge(cfg, override_values, "command-line overrides")
+    # A whole-dict override replaces the recipe's timm_kwargs instead of merging into it, so that
+    # `model.arch=resnet18 model.timm_kwargs={}` drops a ViT-only `depth` the recipe set.
+    whole = OmegaConf.select(override_values, "model.timm_kwargs")
+    if whole is not None and any(item.split("=", 1)[0].strip() == "model.timm_kwargs" for item in overrides):
+        cfg.model.timm_kwargs = whole
     validate(cfg)
     return cfg
 

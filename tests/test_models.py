@@ -17,8 +17,8 @@ def dino_for(arch: str, *extra: str) -> DINO:
 @pytest.mark.parametrize("arch,extra,size", [
     ("vit_tiny_patch16_224", ("model.patch_size=8", "model.timm_kwargs.depth=2"), 32),
     ("vit_tiny_patch16_224", ("model.patch_size=8", "model.timm_kwargs.depth=2", "model.num_registers=4"), 32),
-    ("resnet18", (), 32),
-    ("convnext_atto", (), 64),  # total stride 32: local crops need at least 32 px
+    ("resnet18", ("model.timm_kwargs={}",), 32),  # drop the demo recipe's ViT depth
+    ("convnext_atto", ("model.timm_kwargs={}",), 64),  # total stride 32: local crops need at least 32 px
 ])
 def test_multicrop_forward_backward_for_each_backbone(arch, extra, size):
     torch.manual_seed(0)
@@ -45,6 +45,13 @@ def test_vit_kwargs_and_unknown_arch():
     bad = load_config(None, ["model.arch=vit_smal_patch16_224"])
     with pytest.raises(ValueError, match="unknown timm architecture 'vit_smal_patch16_224'.*vit_small_patch16_224"):
         build_backbone(bad.model)
-    cnn = load_config(None, ["model.arch=resnet18", "model.num_registers=2"])
+    kept = load_config(None, ["model.arch=resnet18"])  # the demo recipe's ViT-only depth=4 stays...
+    with pytest.raises(ValueError, match="could not build 'resnet18'.*depth.*model.timm_kwargs"):
+        build_backbone(kept.model)
+    replaced = load_config(None, ["model.arch=resnet18", "model.timm_kwargs={}"])  # ...unless replaced whole
+    assert dict(replaced.model.timm_kwargs) == {}
+    merged = load_config(None, ["model.timm_kwargs.qkv_bias=false"])
+    assert dict(merged.model.timm_kwargs) == {"depth": 4, "qkv_bias": False}
+    cnn = load_config(None, ["model.arch=resnet18", "model.num_registers=2", "model.timm_kwargs={}"])
     with pytest.raises(ValueError, match="num_registers needs a ViT"):
         build_backbone(cnn.model)

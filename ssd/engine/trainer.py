@@ -89,7 +89,10 @@ class Trainer:
             self.model = DistributedDataParallel(
                 self.method,
                 device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                broadcast_buffers=False,  # the loss center is already all-reduced; teacher buffers are copied
+                # Buffers (BatchNorm running statistics of student and teacher) are set to rank 0's at every
+                # forward: ranks then hold identical buffers, so the checkpoint (written by rank 0) resumes every
+                # rank exactly. The loss center is all-reduced anyway.
+                broadcast_buffers=True,
             )
         self.step = 0
         self.last_checkpoint: Path | None = None

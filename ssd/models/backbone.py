@@ -40,7 +40,14 @@ def build_backbone(model_cfg: Any) -> nn.Module:
 
         close = difflib.get_close_matches(model_cfg.arch, timm.list_models(), n=3)
         raise ValueError(f"unknown timm architecture '{model_cfg.arch}'; close names: {', '.join(close)}")
-    model = timm.create_model(model_cfg.arch, pretrained=False, **timm_kwargs(model_cfg))
+    kwargs = timm_kwargs(model_cfg)
+    try:
+        model = timm.create_model(model_cfg.arch, pretrained=False, **kwargs)
+    except TypeError as error:  # usually a keyword the architecture does not take
+        raise ValueError(
+            f"timm could not build '{model_cfg.arch}' with {kwargs}: {error}. Check model.timm_kwargs (replace "
+            "it whole with model.timm_kwargs={} or model.timm_kwargs={key: value})"
+        ) from error
     if not hasattr(model, "num_features"):
         raise ValueError(f"timm model '{model_cfg.arch}' has no num_features; it cannot be a backbone here")
     return model
