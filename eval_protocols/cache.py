@@ -18,12 +18,12 @@ import os
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import save_file
 from timm.models.vision_transformer import VisionTransformer
 
 from eval_protocols.features import extract
+from ssd.engine.distributed import barrier, rank_and_world
 
 log = logging.getLogger(__name__)
 CACHED_BLOCKS = 4  # the linear grid's largest n_last_blocks; fewer are slices of these
@@ -70,10 +70,8 @@ def cached_extract(cache_dir, description: dict, backbone, dataset, transform, k
         log.info("features read from cache %s", path)
         return cached
     outputs, labels = extract(backbone, dataset, transform, kind, n_last_blocks, **extract_options)
-    distributed = dist.is_available() and dist.is_initialized()
-    if not distributed or dist.get_rank() == 0:  # every process holds all features; one writes them
+    if rank_and_world()[0] == 0:  # every process holds all features; one writes them
         write_cache(path, description, outputs, labels)
         log.info("features cached in %s", path)
-    if distributed:
-        dist.barrier()
+    barrier()
     return outputs, labels

@@ -15,7 +15,8 @@ import types
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
+
+from ssd.engine.distributed import rank_and_world
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -55,7 +56,7 @@ def init_distributed() -> None:
 
 
 def is_main_process() -> bool:
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+    return rank_and_world()[0] == 0
 
 
 def load_backbone(args: argparse.Namespace):

@@ -23,6 +23,8 @@ from timm.models.vision_transformer import VisionTransformer
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from ssd.engine.distributed import rank_and_world
+
 KINDS = ("pooled", "tokens")
 
 
@@ -60,12 +62,6 @@ def backbone_outputs(backbone: torch.nn.Module, images: torch.Tensor, kind: str,
             "cls": cls, "patch_mean": blocks[-1][0].mean(dim=1)}
 
 
-def _world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def _gather(tensor: torch.Tensor, world_size: int) -> torch.Tensor:
     """All processes' ``tensor`` (same shape everywhere) concatenated along dim 0, rank by rank."""
     if world_size == 1:
@@ -96,7 +92,7 @@ def extract(
 ) -> tuple[dict, torch.Tensor]:
     """Features of every image of ``dataset`` in dataset order: ``({name: (N, ...) float32}, labels (N,))``."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    rank, world_size = _world()
+    rank, world_size = rank_and_world()
     num_images = len(dataset)
     # Each process takes every world_size-th image; the shards are padded with a repeat of the first images
     # so that all processes run the same number of batches (a collective per batch needs that).

@@ -19,7 +19,6 @@ import logging
 import math
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from sklearn.model_selection import train_test_split
 from timm.models.vision_transformer import VisionTransformer
@@ -34,6 +33,7 @@ from eval_protocols.linear_heads import (
     count_correct,
     make_grid,
 )
+from ssd.engine.distributed import is_distributed, rank_and_world
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ def augmented_batches(backbone, dataset, indices, args, info: dict, n_last_block
         v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(info["mean"], info["std"]),
     ])
     view = TransformedDataset(dataset, transform, indices)
-    distributed = dist.is_available() and dist.is_initialized()
+    distributed = is_distributed()
     sampler = (torch.utils.data.DistributedSampler(view, seed=args.seed) if distributed
                else torch.utils.data.RandomSampler(view, generator=torch.Generator().manual_seed(args.seed)))
     loader = DataLoader(view, batch_size=args.batch_size, sampler=sampler, num_workers=args.num_workers,
@@ -107,7 +107,7 @@ def train_grid(grid: LinearGrid, epoch_batches, epochs: int, steps_per_epoch: in
                device: torch.device) -> None:
     """SGD (momentum 0.9, no weight decay) on the summed losses of all heads, cosine-annealed to 0 per step."""
     grid.to(device).train()
-    distributed = dist.is_available() and dist.is_initialized()
+    distributed = is_distributed()
     model = torch.nn.parallel.DistributedDataParallel(grid) if distributed else grid
     optimizer = torch.optim.SGD(grid.param_groups(lr_scale), momentum=0.9, weight_decay=0.0)
     total_steps, step = max(1, epochs * steps_per_epoch), 0
@@ -193,7 +193,7 @@ def main(argv=None) -> dict:
     n_blocks = max(s.n_last_blocks for s in settings)
     train_dataset = common.build_split(args, args.train_split)
     train_indices, val_indices = split_train_val(train_dataset.targets, args.val_fraction, args.seed)
-    world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    world_size = rank_and_world()[1]
     if args.mode == "fast":
         everything, labels = common.features_for_split(args, backbone, info, args.train_split, "tokens", n_blocks)
         val = (take(everything, val_indices), labels[val_indices])

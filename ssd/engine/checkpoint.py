@@ -101,18 +101,12 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 
 def find_latest_checkpoint(run_dir: str | Path) -> Path | None:
     """Newest checkpoint whose file loads; corrupt newer files are reported and skipped (and kept)."""
-    for path in reversed(list_checkpoints(run_dir)):
-        try:
-            load_checkpoint(path)
-        except CheckpointError as error:
-            log.warning("skipping unreadable checkpoint: %s", error)
-            continue
-        return path
-    return None
+    found = load_latest_checkpoint(run_dir)
+    return found[0] if found else None
 
 
 def load_latest_checkpoint(run_dir: str | Path) -> tuple[Path, dict] | None:
-    """Like find_latest_checkpoint but returns the loaded state too (reads the file once)."""
+    """The newest readable checkpoint and its state (each file is read once)."""
     for path in reversed(list_checkpoints(run_dir)):
         try:
             return path, load_checkpoint(path)

@@ -11,9 +11,10 @@ processes, so every rank keeps the same center and accumulation matches one larg
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+
+from ssd.engine.distributed import all_reduce_sum
 
 
 def at_least_fp32(values: torch.Tensor) -> torch.Tensor:
@@ -87,8 +88,6 @@ class DINOLoss(nn.Module):
         batch_sum, count = self._pending
         self._pending = None
         # One all-reduce of [sum | count] keeps the ranks' centers identical.
-        packed = torch.cat([batch_sum.flatten(), batch_sum.new_tensor([count])])
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(packed)
+        packed = all_reduce_sum(torch.cat([batch_sum.flatten(), batch_sum.new_tensor([count])]))
         batch_center = (packed[:-1] / packed[-1]).view_as(self.center)
         self.center.mul_(self.center_momentum).add_(batch_center, alpha=1 - self.center_momentum)
