@@ -34,8 +34,8 @@ def cache_path(cache_dir: str | Path, description: dict) -> Path:
     return Path(cache_dir) / f"{description['data']['split']}-{digest}.safetensors"
 
 
-def read_cache(path: Path, description: dict) -> tuple[dict, torch.Tensor] | None:
-    """The cached ``(outputs, labels)`` if ``path`` was made from exactly ``description``, else None."""
+def read_cache(path: Path, description: dict) -> tuple[dict, torch.Tensor, torch.Tensor] | None:
+    """The cached ``(outputs, labels, readable)`` if ``path`` was made from exactly ``description``, else None."""
     if not path.is_file():
         return None
     with safe_open(path, framework="pt") as handle:
@@ -45,19 +45,21 @@ def read_cache(path: Path, description: dict) -> tuple[dict, torch.Tensor] | Non
             return None
         tensors = {name: handle.get_tensor(name) for name in handle.keys()}
     labels = tensors.pop("labels")
-    return tensors, labels
+    # Caches written before unreadable images were skipped hold no mask: every image in them was read.
+    readable = tensors.pop("readable", torch.ones(len(labels), dtype=torch.bool))
+    return tensors, labels, readable
 
 
-def write_cache(path: Path, description: dict, outputs: dict, labels: torch.Tensor) -> None:
+def write_cache(path: Path, description: dict, outputs: dict, labels: torch.Tensor, readable: torch.Tensor) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tensors = {**{k: v.contiguous() for k, v in outputs.items()}, "labels": labels}
+    tensors = {**{k: v.contiguous() for k, v in outputs.items()}, "labels": labels, "readable": readable}
     save_file(tensors, temporary, metadata={"description": json.dumps(description, sort_keys=True)})
     os.replace(temporary, path)
 
 
 def cached_extract(cache_dir, description: dict, backbone, dataset, transform, kind: str = "pooled",
-                   n_last_blocks: int = 4, **extract_options) -> tuple[dict, torch.Tensor]:
+                   n_last_blocks: int = 4, **extract_options) -> tuple[dict, torch.Tensor, torch.Tensor]:
     """``features.extract`` through the cache in ``cache_dir`` (None: no cache)."""
     if cache_dir is None:
         return extract(backbone, dataset, transform, kind, n_last_blocks, **extract_options)
@@ -66,12 +68,13 @@ def cached_extract(cache_dir, description: dict, backbone, dataset, transform, k
     description = {**description, "kind": kind, "n_last_blocks": n_last_blocks if kind == "tokens" else 0}
     path = cache_path(cache_dir, description)
     cached = read_cache(path, description)
-    if cached is not None:
-        log.info("features read from cache %s", path)
+    # A cache that left images out is not used under on_bad_image="fail": extracting again raises, naming them.
+    if cached is not None and (cached[2].all() or extract_options.get("on_bad_image", "skip") == "skip"):
+        log.info("features read from cache %s (%d unreadable images left out)", path, int((~cached[2]).sum()))
         return cached
-    outputs, labels = extract(backbone, dataset, transform, kind, n_last_blocks, **extract_options)
+    outputs, labels, readable = extract(backbone, dataset, transform, kind, n_last_blocks, **extract_options)
     if rank_and_world()[0] == 0:  # every process holds all features; one writes them
-        write_cache(path, description, outputs, labels)
+        write_cache(path, description, outputs, labels, readable)
         log.info("features cached in %s", path)
     barrier()
-    return outputs, labels
+    return outputs, labels, readable

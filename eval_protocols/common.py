@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from ssd.data.image_io import DEFAULT_MAX_IMAGE_PIXELS
 from ssd.engine.distributed import rank_and_world
 
 
@@ -46,6 +47,11 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--num-workers", type=int, default=4)
     group.add_argument("--cache-dir", default=None,
                        help="keep extracted features here; reused only for the same weights, transform and data")
+    group.add_argument("--on-bad-image", choices=("skip", "fail"), default="skip",
+                       help="an unreadable image is left out of the evaluation with a warning (skip; the report "
+                            "counts them) or stops it (fail), as data.on_bad_image does in training")
+    group.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS,
+                       help="larger images are unreadable (decompression bombs), as data.max_image_pixels")
 
 
 def init_distributed() -> None:
@@ -73,12 +79,15 @@ def load_backbone(args: argparse.Namespace):
 def build_split(args: argparse.Namespace, split: str):
     from ssd.data import build_dataset
 
-    return build_dataset(types.SimpleNamespace(dataset=args.dataset, root=args.data_root, split=split), split)
+    data = types.SimpleNamespace(dataset=args.dataset, root=args.data_root, split=split,
+                                 max_image_pixels=args.max_image_pixels)
+    return build_dataset(data, split)
 
 
 def features_for_split(args, backbone, info: dict, split: str, kind: str = "pooled", n_last_blocks: int = 4):
-    """Features of a split with the centre-crop transform: ``(features, labels)`` where features is a tensor
-    for kind="pooled" and the dict of ``features.extract`` for kind="tokens"."""
+    """Features of a split with the centre-crop transform: ``(features, labels, readable)`` where features is a
+    tensor for kind="pooled" and the dict of ``features.extract`` for kind="tokens"; ``readable`` (N,) is False
+    for the unreadable images left out under --on-bad-image skip (their rows are to be dropped)."""
     from eval_protocols.cache import cached_extract
     from ssd.data import eval_transform
 
@@ -86,12 +95,23 @@ def features_for_split(args, backbone, info: dict, split: str, kind: str = "pool
     dataset = build_split(args, split)
     description = {"weights": weights_identity(info["file"], args.which), "transform": repr(transform),
                    "data": {"dataset": args.dataset, "root": str(Path(args.data_root).resolve()), "split": split,
-                            "images": len(dataset)}}
-    outputs, labels = cached_extract(
+                            "images": len(dataset), "max_image_pixels": args.max_image_pixels}}
+    outputs, labels, readable = cached_extract(
         args.cache_dir, description, backbone, dataset, transform, kind=kind, n_last_blocks=n_last_blocks,
         batch_size=args.batch_size, num_workers=args.num_workers, device=args.device,
+        on_bad_image=args.on_bad_image,
     )
-    return (outputs["pooled"] if kind == "pooled" else outputs), labels
+    return (outputs["pooled"] if kind == "pooled" else outputs), labels, readable
+
+
+def count_left_out(readable: torch.Tensor, split: str) -> int:
+    """How many images of ``split`` were unreadable and left out; an error when nothing is left."""
+    left_out = int((~readable).sum())
+    if left_out == len(readable):
+        raise RuntimeError(f"all {left_out} images of the {split} split are unreadable (see the warnings above)")
+    if left_out:
+        print(f"{split}: {left_out} unreadable image(s) left out of the evaluation (named in the warnings above)")
+    return left_out
 
 
 def weights_identity(path: str | Path, which: str) -> dict:
@@ -104,7 +124,8 @@ def report_header(args: argparse.Namespace, info: dict, **sizes) -> dict:
     return {
         "weights": info["file"], "which": args.which, "arch": info["model"]["arch"],
         "dataset": args.dataset, "data_root": args.data_root, "train_split": args.train_split,
-        "test_split": args.test_split, "resize": args.resize, "crop": args.crop, **sizes,
+        "test_split": args.test_split, "resize": args.resize, "crop": args.crop, "on_bad_image": args.on_bad_image,
+        "max_image_pixels": args.max_image_pixels, **sizes,
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
     }
 

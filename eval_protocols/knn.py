@@ -123,7 +123,12 @@ def main(argv=None) -> dict:
         features[split] = common.features_for_split(args, backbone, model_info, split, kind="pooled")
     if not common.is_main_process():
         return {}
-    (train_features, train_labels), (test_features, test_labels) = features[args.train_split], features[args.test_split]
+    (train_features, train_labels, train_readable), (test_features, test_labels, test_readable) = (
+        features[args.train_split], features[args.test_split])
+    skipped = {"train": common.count_left_out(train_readable, args.train_split),
+               "test": common.count_left_out(test_readable, args.test_split)}
+    train_features, train_labels = train_features[train_readable], train_labels[train_readable]
+    test_features, test_labels = test_features[test_readable], test_labels[test_readable]
     index_options = {"nprobe": args.nprobe, "nlist": args.nlist, "pq_m": args.pq_m} if args.index != "flat" else {}
     results = knn_classify(
         train_features, train_labels, test_features, test_labels, ks=args.ks, temperature=args.temperature,
@@ -131,7 +136,8 @@ def main(argv=None) -> dict:
     )
     print(format_table(results))
     report = {"protocol": "knn", "temperature": args.temperature, "index": args.index, "results": results,
-              **common.report_header(args, model_info, train_size=len(train_labels), test_size=len(test_labels))}
+              **common.report_header(args, model_info, train_size=len(train_labels), test_size=len(test_labels),
+                                     skipped_images=skipped)}
     if args.output:
         common.write_json(args.output, report)
         print(f"results written to {args.output}")

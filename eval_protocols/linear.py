@@ -19,6 +19,7 @@ import logging
 import math
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from sklearn.model_selection import train_test_split
 from timm.models.vision_transformer import VisionTransformer
@@ -26,7 +27,7 @@ from torch.utils.data import DataLoader
 from torchvision.transforms import v2
 
 from eval_protocols import common
-from eval_protocols.features import TransformedDataset, autocast_for, backbone_outputs, extract
+from eval_protocols.features import TransformedDataset, autocast_for, backbone_outputs, drop_unreadable, extract
 from eval_protocols.linear_heads import (
     DEFAULT_LEARNING_RATES,
     LinearGrid,
@@ -51,7 +52,7 @@ def split_train_val(labels, val_fraction: float = 0.1, seed: int = 0) -> tuple[l
 
 
 class Subset:
-    """An ssd dataset restricted to ``indices`` (same ``load`` interface)."""
+    """An ssd dataset restricted to ``indices`` (same ``load`` / ``describe`` interface)."""
 
     def __init__(self, dataset, indices: list[int]):
         self.dataset, self.indices = dataset, indices
@@ -62,6 +63,9 @@ class Subset:
 
     def load(self, index: int):
         return self.dataset.load(self.indices[index])
+
+    def describe(self, index: int) -> str:
+        return self.dataset.describe(self.indices[index])
 
 
 def take(outputs: dict, indices) -> dict:
@@ -80,27 +84,42 @@ def cached_batches(outputs: dict, labels: torch.Tensor, batch_size: int, seed: i
 
 
 def augmented_batches(backbone, dataset, indices, args, info: dict, n_last_blocks: int, device: torch.device):
-    """Per epoch, freshly augmented images run through the frozen backbone (the full DINO protocol)."""
+    """Per epoch, freshly augmented images run through the frozen backbone (the full DINO protocol).
+
+    Returns ``(epoch_batches, steps per epoch, unreadable)``: rows of unreadable images are dropped from their
+    batch (which may become empty) and their dataset indices collected in the set ``unreadable``."""
     transform = v2.Compose([
         v2.RandomResizedCrop(args.crop, interpolation=v2.InterpolationMode.BICUBIC), v2.RandomHorizontalFlip(),
         v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(info["mean"], info["std"]),
     ])
-    view = TransformedDataset(dataset, transform, indices)
+    view = TransformedDataset(dataset, transform, indices, args.on_bad_image)
     distributed = is_distributed()
     sampler = (torch.utils.data.DistributedSampler(view, seed=args.seed) if distributed
                else torch.utils.data.RandomSampler(view, generator=torch.Generator().manual_seed(args.seed)))
     loader = DataLoader(view, batch_size=args.batch_size, sampler=sampler, num_workers=args.num_workers,
                         drop_last=len(view) >= args.batch_size, pin_memory=device.type == "cuda")
     backbone.eval().to(device)
+    unreadable: set[int] = set()
 
     def epoch_batches(epoch: int):
         if distributed:
             sampler.set_epoch(epoch)
-        for images, labels, _ in loader:
+        for images, labels, indices, readable in loader:
+            unreadable.update(indices[~readable].tolist())
             with torch.no_grad(), autocast_for(device):
                 outputs = backbone_outputs(backbone, images.to(device, non_blocking=True), "tokens", n_last_blocks)
-            yield {k: v.float() for k, v in outputs.items()}, labels.to(device)
-    return epoch_batches, len(loader)
+            readable = readable.to(device)
+            yield {k: v.float()[readable] for k, v in outputs.items()}, labels.to(device)[readable]
+    return epoch_batches, len(loader), unreadable
+
+
+def count_distinct(indices: set[int]) -> int:
+    """How many distinct indices all processes together hold (one image can be met on several processes)."""
+    if not is_distributed():
+        return len(indices)
+    gathered = [None] * rank_and_world()[1]
+    dist.all_gather_object(gathered, sorted(indices))
+    return len(set().union(*gathered))
 
 
 def train_grid(grid: LinearGrid, epoch_batches, epochs: int, steps_per_epoch: int, lr_scale: float,
@@ -116,8 +135,11 @@ def train_grid(grid: LinearGrid, epoch_batches, epochs: int, steps_per_epoch: in
         for outputs, labels in epoch_batches(epoch):
             for group in optimizer.param_groups:
                 group["lr"] = 0.5 * group["peak_lr"] * (1 + math.cos(math.pi * min(step, total_steps) / total_steps))
-            outputs = {k: v.to(device) for k, v in outputs.items()}
-            loss = sum(F.cross_entropy(logits, labels.to(device)) for logits in model(outputs))
+            outputs, labels = {k: v.to(device) for k, v in outputs.items()}, labels.to(device)
+            # A sum over the batch, not a mean: a batch left empty by unreadable images gives 0, not NaN, and
+            # still steps with every other process (DDP needs every process in every step).
+            loss = sum(F.cross_entropy(logits, labels, reduction="sum") for logits in model(outputs))
+            loss = loss / max(len(labels), 1)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -195,32 +217,49 @@ def main(argv=None) -> dict:
     train_indices, val_indices = split_train_val(train_dataset.targets, args.val_fraction, args.seed)
     world_size = rank_and_world()[1]
     if args.mode == "fast":
-        everything, labels = common.features_for_split(args, backbone, info, args.train_split, "tokens", n_blocks)
+        everything, labels, readable = common.features_for_split(args, backbone, info, args.train_split, "tokens",
+                                                                 n_blocks)
+        skipped_train = common.count_left_out(readable, args.train_split)
+        # The split was made over all images, so an unreadable file moves no other image between the parts.
+        train_indices = [i for i in train_indices if readable[i]]
+        val_indices = [i for i in val_indices if readable[i]]
         val = (take(everything, val_indices), labels[val_indices])
         epoch_batches = cached_batches(take(everything, train_indices), labels[train_indices], args.batch_size,
                                        args.seed)
         steps_per_epoch, world_size = math.ceil(len(train_indices) / args.batch_size), 1  # each process alone
+        train_size = len(train_indices)
     else:
         from ssd.data import eval_transform
 
         center_crop = eval_transform(args.resize, args.crop, info["mean"], info["std"])
-        val = extract(backbone, Subset(train_dataset, val_indices), center_crop, "tokens", n_blocks,
-                      args.batch_size, args.num_workers, device)
-        epoch_batches, steps_per_epoch = augmented_batches(backbone, train_dataset, train_indices, args, info,
-                                                           n_blocks, device)
-    test = common.features_for_split(args, backbone, info, args.test_split, "tokens", n_blocks)
+        val_outputs, val_labels, val_readable = extract(
+            backbone, Subset(train_dataset, val_indices), center_crop, "tokens", n_blocks, args.batch_size,
+            args.num_workers, device, on_bad_image=args.on_bad_image)
+        val = drop_unreadable(val_outputs, val_labels, val_readable)
+        skipped_val = common.count_left_out(val_readable, "validation part")
+        epoch_batches, steps_per_epoch, unreadable = augmented_batches(backbone, train_dataset, train_indices, args,
+                                                                       info, n_blocks, device)
+    test_outputs, test_labels, test_readable = common.features_for_split(args, backbone, info, args.test_split,
+                                                                         "tokens", n_blocks)
+    test = drop_unreadable(test_outputs, test_labels, test_readable)
+    skipped_test = common.count_left_out(test_readable, args.test_split)
     num_classes = max(len(train_dataset.classes), int(test[1].max()) + 1)
     grid = LinearGrid(settings, take(val[0], [0]), num_classes)
     lr_scale = args.batch_size * world_size / 256  # the grid's lrs are per 256 images, as in DINO / DINOv2
     train_grid(grid, epoch_batches, args.epochs, steps_per_epoch, lr_scale, device)
+    if args.mode == "full":  # unreadable images of the training part are only met during training
+        skipped_in_training = count_distinct(unreadable)
+        train_size = len(train_indices) - skipped_in_training
+        skipped_train = skipped_val + skipped_in_training
     report = select_and_test(grid, val, test, device)
     if not common.is_main_process():
         return report
     print(format_table(report))
     report = {"protocol": "linear", "mode": args.mode, "epochs": args.epochs, "batch_size": args.batch_size,
               "lr_scale": lr_scale, "val_fraction": args.val_fraction, "seed": args.seed,
-              **common.report_header(args, info, train_size=len(train_indices), val_size=len(val_indices),
-                                     test_size=len(test[1])), **report}
+              **common.report_header(args, info, train_size=train_size, val_size=len(val[1]),
+                                     test_size=len(test[1]),
+                                     skipped_images={"train": skipped_train, "test": skipped_test}), **report}
     if args.output:
         common.write_json(args.output, report)
         print(f"results written to {args.output}")

@@ -20,12 +20,16 @@ import re
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import VisionTransformer
 
+from ssd.file_kinds import PICKLE, SAFETENSORS, TORCH_ZIP, describe_file
+
 EXPORT_WEIGHTS = "model.safetensors"
 EXPORT_CONFIG = "config.json"
+EXPECTED = "expected an ssd run folder or checkpoint, an ssd export, or an official DINO/DINOv2 .pth"
 
 
 class WeightsError(RuntimeError):
@@ -42,23 +46,37 @@ def resolve_weights_path(path: str | Path) -> Path:
 
         newest = find_latest_checkpoint(path)
         if newest is None:
-            raise WeightsError(f"{path} holds neither {EXPORT_WEIGHTS} nor a readable checkpoint_*.pt")
+            raise WeightsError(f"{path} holds neither {EXPORT_WEIGHTS} nor a readable checkpoint_*.pt; {EXPECTED}")
         return newest
     if not path.is_file():
-        raise WeightsError(f"weights file not found: {path}")
+        raise WeightsError(f"weights file not found: {path}; {EXPECTED}")
     return path
 
 
 def read_weights_file(path: str | Path) -> dict:
     """The raw content of a weights file, without executing any pickled code."""
     path = resolve_weights_path(path)
-    if path.suffix == ".safetensors":
-        return load_file(path)
+    # Sniffed first: torch's unpickler rejects an image or a YAML file with the words it uses for a pickle
+    # that could run code.
+    kind = describe_file(path)
+    if kind is None and path.suffix == ".safetensors":
+        kind = SAFETENSORS  # a damaged header: safetensors' own error says what is wrong with it
+    if kind not in (TORCH_ZIP, PICKLE, SAFETENSORS):
+        raise WeightsError(f"{path} is {kind or 'not a torch checkpoint, pickle or safetensors file'}, "
+                           f"not weights; {EXPECTED}")
+    if kind == SAFETENSORS:
+        try:
+            return load_file(path)
+        except SafetensorError as error:
+            raise WeightsError(f"{path} is not a valid safetensors file ({error}): corrupt or truncated, "
+                               "re-export it") from error
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        reason = str(error).strip().splitlines()[0][:300]
+        # torch's message is long; the line naming the refused object is the one that helps.
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        reason = next((line for line in lines if "unsupported" in line.lower()), lines[0] if lines else "")[:300]
         raise WeightsError(
             f"refusing to load {path}: it holds pickled objects other than tensors ({reason}). Unpickling them "
             "could run arbitrary code. If you trust the file, re-save only its state dict (tensors) and retry."
@@ -185,15 +203,26 @@ def model_info(path: Path, content: dict) -> dict | None:
     """``{"model": model-config dict, "mean", "std"}`` recorded by an ssd checkpoint or export, else None."""
     if path.suffix == ".safetensors":
         config_file = path.with_name(EXPORT_CONFIG)
-        if not config_file.is_file():
-            return None
-        config = json.loads(config_file.read_text())
-        return {"model": config["ssd"]["model"], "mean": config["pretrained_cfg"]["mean"],
-                "std": config["pretrained_cfg"]["std"]}
+        return read_export_config(config_file) if config_file.is_file() else None
     if content.get("format") != "ssd.checkpoint":
         return None
     config = content["config"]
     return {"model": dict(config["model"]), "mean": list(config["data"]["mean"]), "std": list(config["data"]["std"])}
+
+
+def read_export_config(config_file: Path) -> dict:
+    """The model config, mean and std in an export's config.json; a broken file is named with its error."""
+    try:
+        config = json.loads(config_file.read_bytes())
+        return {"model": config["ssd"]["model"], "mean": config["pretrained_cfg"]["mean"],
+                "std": config["pretrained_cfg"]["std"]}
+    except json.JSONDecodeError as error:
+        problem = f"is not valid JSON ({error.msg} at line {error.lineno}, column {error.colno})"
+    except ValueError as error:  # bytes that are not text at all
+        problem = f"is not a JSON text file ({describe_file(config_file) or error})"
+    except (KeyError, TypeError) as error:
+        problem = f"lacks the ssd.model / pretrained_cfg.mean / std entries ssd.export writes ({error!r} missing)"
+    raise WeightsError(f"{config_file} {problem}: fix it, or re-export with python -m ssd.export")
 
 
 def model_config(values: dict):

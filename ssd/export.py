@@ -75,11 +75,21 @@ def write_export(backbone: torch.nn.Module, config: dict, out_dir: str | Path) -
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in backbone.state_dict().items()}
     temporary = out_dir / f".{EXPORT_WEIGHTS}.tmp"
     save_file(tensors, temporary, metadata={"format": "pt", "architecture": config["architecture"]})
+    make_shareable(temporary)
     os.replace(temporary, out_dir / EXPORT_WEIGHTS)
     temporary = out_dir / f".{EXPORT_CONFIG}.tmp"
     temporary.write_text(json.dumps(config, indent=2) + "\n")
+    make_shareable(temporary)
     os.replace(temporary, out_dir / EXPORT_CONFIG)
     return out_dir
+
+
+def make_shareable(path: Path) -> None:
+    """Give ``path`` the permissions of any new file (0o666 less the umask): safetensors writes 0o600, which
+    hides an export from the colleagues who can read the rest of the run folder."""
+    umask = os.umask(0)  # the only way to read the umask is to set it, so it is put straight back
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
 
 
 def export_backbone(checkpoint: str | Path, out_dir: str | Path, which: str = "teacher") -> Path:

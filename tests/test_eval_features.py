@@ -82,9 +82,9 @@ def _extract_worker(rank: int, world_size: int, port: int, root: str, out_dir: s
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     try:
-        outputs, labels = extract(tiny_vit(), ImageFolderDataset(root), transform(), kind="tokens",
-                                  batch_size=2, num_workers=0, device="cpu", progress=False)
-        torch.save({"outputs": outputs, "labels": labels}, Path(out_dir) / f"rank{rank}.pt")
+        outputs, labels, readable = extract(tiny_vit(), ImageFolderDataset(root), transform(), kind="tokens",
+                                            batch_size=2, num_workers=0, device="cpu", progress=False)
+        torch.save({"outputs": outputs, "labels": labels, "readable": readable}, Path(out_dir) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
@@ -94,11 +94,12 @@ def test_distributed_extraction_gathers_in_dataset_order(tmp_path):
 
     root = image_folder(tmp_path / "images", 7)  # 7 images on 2 processes: one shard is padded
     mp.spawn(_extract_worker, args=(2, _free_port(), str(root), str(tmp_path)), nprocs=2, join=True)
-    expected, expected_labels = extract(tiny_vit(), ImageFolderDataset(root), transform(), kind="tokens",
-                                        batch_size=7, num_workers=0, device="cpu", progress=False)
+    expected, expected_labels, readable = extract(tiny_vit(), ImageFolderDataset(root), transform(), kind="tokens",
+                                                  batch_size=7, num_workers=0, device="cpu", progress=False)
+    assert readable.all()
     for rank in range(2):
         result = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
-        assert torch.equal(result["labels"], expected_labels)
+        assert torch.equal(result["labels"], expected_labels) and torch.equal(result["readable"], readable)
         for name, value in expected.items():
             torch.testing.assert_close(result["outputs"][name], value, rtol=1e-4, atol=1e-5)
 
@@ -130,16 +131,16 @@ def test_cache_is_reused_only_for_the_same_weights_and_transform(tmp_path):
                               device="cpu", progress=False)
 
     first = CountingBackbone(seed=0)
-    features, labels = run(first, {"file": "a.pt"})
+    features, labels, _ = run(first, {"file": "a.pt"})
     assert first.images_seen == 5 and len(list(cache_dir.glob("*.safetensors"))) == 1
     again = CountingBackbone(seed=0)
-    cached_features, cached_labels = run(again, {"file": "a.pt"})
+    cached_features, cached_labels, _ = run(again, {"file": "a.pt"})
     assert again.images_seen == 0  # read from disk
     torch.testing.assert_close(cached_features["pooled"], features["pooled"])
     assert torch.equal(cached_labels, labels)
 
     other = CountingBackbone(seed=1)
-    other_features, _ = run(other, {"file": "b.pt"})  # another checkpoint: extracted afresh
+    other_features, _, _ = run(other, {"file": "b.pt"})  # another checkpoint: extracted afresh
     assert other.images_seen == 5
     assert not torch.allclose(other_features["pooled"], features["pooled"])
     other_view = CountingBackbone(seed=0)
@@ -153,7 +154,7 @@ def test_cache_file_with_another_record_is_not_reused(tmp_path):
 
     description = {"weights": {"file": "a.pt"}, "transform": "T", "data": {"split": "train"}}
     path = cache_path(tmp_path, description)
-    write_cache(path, description, {"pooled": torch.ones(2, 3)}, torch.tensor([0, 1]))
+    write_cache(path, description, {"pooled": torch.ones(2, 3)}, torch.tensor([0, 1]), torch.tensor([True, True]))
     assert read_cache(path, description) is not None
     assert read_cache(path, {**description, "weights": {"file": "b.pt"}}) is None
 

@@ -17,10 +17,17 @@ from ssd.data.folders import (
     FileListDataset,
     ImageDataset,
     ImageFolderDataset,
+    SkippedLinkWarning,
     UnlabeledFolderDataset,
     find_images,
 )
-from ssd.data.image_io import IMAGE_EXTENSIONS, UnreadableImageError, is_image_file, load_rgb
+from ssd.data.image_io import (
+    DEFAULT_MAX_IMAGE_PIXELS,
+    IMAGE_EXTENSIONS,
+    UnreadableImageError,
+    is_image_file,
+    load_rgb,
+)
 from ssd.data.multicrop import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -34,6 +41,7 @@ from ssd.data.seeded import BadImageWarning, SeededCropsDataset, collate_crops, 
 __all__ = [
     "CIFAR10_CLASSES",
     "DATASET_NAMES",
+    "DEFAULT_MAX_IMAGE_PIXELS",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "IMAGE_EXTENSIONS",
@@ -48,6 +56,7 @@ __all__ = [
     "MultiCropAugmentation",
     "ResumableDistributedSampler",
     "SeededCropsDataset",
+    "SkippedLinkWarning",
     "UnlabeledFolderDataset",
     "UnreadableImageError",
     "blur_kernel_size",

@@ -11,6 +11,7 @@ from typing import Any
 from ssd.data.cifar10 import CIFAR10Dataset
 from ssd.data.digits import DigitsDataset
 from ssd.data.folders import DatasetError, ImageDataset, ImageFolderDataset, UnlabeledFolderDataset
+from ssd.data.image_io import DEFAULT_MAX_IMAGE_PIXELS
 
 DATASET_NAMES = ("digits", "cifar10", "imagefolder", "folder")
 
@@ -22,6 +23,7 @@ def build_dataset(cfg: Any, split: str | None = None) -> ImageDataset:
     cfg.root: folder of the data (unused for digits)
     cfg.split: "train" (default) / "test" / "val" ...; the `split` argument overrides it
     cfg.holdout_fraction: share of digits held out as its test split (default 0.2)
+    cfg.max_image_pixels: larger image files are unreadable (folder data sets; CIFAR and digits are arrays)
 
     For the two folder data sets, `root/<split>` is used when it exists, else `root` itself, so both an
     ImageNet-style root (with train/ and val/) and a folder of one split work. The digits split does not
@@ -45,6 +47,7 @@ def build_dataset(cfg: Any, split: str | None = None) -> ImageDataset:
     if folder == root and split != "train" and (root / "train").is_dir():
         # Without this check root/train would silently become a class (or a sub-folder) of the eval data.
         raise DatasetError(f"{root} has a train/ folder but no {split}/ folder for split {split!r}")
+    max_pixels = int(getattr(cfg, "max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS))
     if name == "imagefolder":
-        return ImageFolderDataset(folder)
-    return UnlabeledFolderDataset(folder)
+        return ImageFolderDataset(folder, max_pixels)
+    return UnlabeledFolderDataset(folder, max_pixels)

@@ -21,9 +21,15 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".
 # to be seen on a white page, while the RGB values stored under alpha=0 are often black or leftover garbage.
 ALPHA_BACKGROUND = (255, 255, 255)
 
+# Same default as data.max_image_pixels: a few hundred bytes of PNG can decode to gigabytes, so sizes are
+# checked from the header before decoding. ImageNet's largest image is about 20 megapixels. PIL's own
+# Image.MAX_IMAGE_PIXELS still applies on top (it refuses above twice its value); it is left untouched.
+DEFAULT_MAX_IMAGE_PIXELS = 50_000_000
+
 
 class UnreadableImageError(Exception):
-    """An image file that PIL cannot open or decode (missing, truncated, corrupt, not an image)."""
+    """An image file that PIL cannot open or decode (missing, truncated, corrupt, not an image), or one too
+    large to decode safely (above max_pixels)."""
 
     def __init__(self, path: str | os.PathLike, reason: str):
         self.path = str(path)
@@ -37,18 +43,32 @@ def is_image_file(name: str | os.PathLike) -> bool:
     return not base.startswith(".") and base.lower().endswith(IMAGE_EXTENSIONS)
 
 
-def load_rgb(path: str | os.PathLike) -> Image.Image:
-    """Open, fully decode and convert one image to 8-bit RGB; raise UnreadableImageError if impossible."""
+def load_rgb(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
+    """Open, fully decode and convert one image to 8-bit RGB; raise UnreadableImageError if impossible or if
+    the image has more than `max_pixels` pixels (checked before any pixel is decoded)."""
     try:
         with Image.open(path) as image:
-            # Image.open only parses the header; load() decodes the pixels, which is where a truncated or
-            # corrupt file fails. Do it here, inside the try, not later in a transform.
+            # Image.open only parses the header, so the size is known before load() allocates the pixels.
+            _check_size(path, image, max_pixels)
+            # load() decodes the pixels, which is where a truncated or corrupt file fails. Do it here, inside
+            # the try, not later in a transform.
             image.load()
             return _to_rgb(image)
+    except UnreadableImageError:
+        raise
     # PIL reports bad data with many exception types (OSError, ValueError, SyntaxError, struct.error,
     # zlib.error, DecompressionBombError, ...); for a data loader they all mean "this file is unusable".
     except Exception as error:
         raise UnreadableImageError(path, f"{type(error).__name__}: {error}") from error
+
+
+def _check_size(path: str | os.PathLike, image: Image.Image, max_pixels: int) -> None:
+    width, height = image.size
+    if width * height > max_pixels:
+        raise UnreadableImageError(
+            path, f"the image is {width} x {height} = {width * height} pixels, above the limit of {max_pixels} "
+            "(data.max_image_pixels, or --max-image-pixels in evaluation); raise it if such images are intended"
+        )
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:

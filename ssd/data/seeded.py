@@ -25,7 +25,26 @@ _skipped_in_process = 0
 
 
 class BadImageWarning(UserWarning):
-    """An unreadable image was replaced by another one (data.on_bad_image=skip)."""
+    """An unreadable image was skipped: replaced by the next one in training, left out in evaluation."""
+
+
+def check_bad_image_policy(policy: str) -> None:
+    if policy not in BAD_IMAGE_POLICIES:
+        raise ValueError(f"on_bad_image must be one of {BAD_IMAGE_POLICIES}, got {policy!r}")
+
+
+def skip_or_fail(error: UnreadableImageError, name: str, policy: str, how_to_skip: str) -> None:
+    """Apply the bad-image policy to one unreadable image `name`: raise (policy "fail"; the message says
+    `how_to_skip`) or warn with a BadImageWarning and count it (policy "skip"), then return."""
+    global _skipped_in_process
+    if policy == "fail":
+        raise UnreadableImageError(error.path, f"{error.reason} ({how_to_skip} to skip unreadable images)") from error
+    _skipped_in_process += 1
+    warnings.warn(
+        f"skipping unreadable image {name} ({error.reason}); {_skipped_in_process} skipped so far in this process",
+        BadImageWarning,
+        stacklevel=3,
+    )
 
 
 def mix_seeds(*values: int) -> int:
@@ -49,8 +68,7 @@ class SeededCropsDataset(Dataset):
     """
 
     def __init__(self, dataset: Any, transform: Callable, seed: int = 0, on_bad_image: str = "skip"):
-        if on_bad_image not in BAD_IMAGE_POLICIES:
-            raise ValueError(f"on_bad_image must be one of {BAD_IMAGE_POLICIES}, got {on_bad_image!r}")
+        check_bad_image_policy(on_bad_image)
         self.dataset = dataset
         self.transform = transform
         self.seed = seed
@@ -69,7 +87,6 @@ class SeededCropsDataset(Dataset):
         return {"crops": crops, "label": int(label), "index": used_index}
 
     def _load_readable(self, index: int):
-        global _skipped_in_process
         size = len(self.dataset)
         for attempt in range(size):
             candidate = (index + attempt) % size
@@ -77,17 +94,7 @@ class SeededCropsDataset(Dataset):
                 image, label = self.dataset.load(candidate)
                 return image, label, candidate
             except UnreadableImageError as error:
-                if self.on_bad_image == "fail":
-                    raise UnreadableImageError(
-                        error.path, f"{error.reason} (set data.on_bad_image=skip to skip unreadable images)"
-                    ) from error
-                _skipped_in_process += 1
-                warnings.warn(
-                    f"skipping unreadable image {self.dataset.describe(candidate)} ({error.reason}); "
-                    f"{_skipped_in_process} skipped so far in this process",
-                    BadImageWarning,
-                    stacklevel=2,
-                )
+                skip_or_fail(error, self.dataset.describe(candidate), self.on_bad_image, "set data.on_bad_image=skip")
         raise RuntimeError(f"all {size} images of {self.dataset!r} are unreadable")
 
 
