@@ -21,6 +21,7 @@ from submitit.core.utils import FailedJobError
 from submitit.slurm.slurm import _make_sbatch_string
 
 from launchers.filesystems import shared_fs_warning
+from ssd.config import save_config
 
 CODE_ROOT = Path(__file__).resolve().parent.parent  # the folder holding launchers/ and ssd/
 
@@ -140,25 +141,62 @@ def check_sbatch() -> None:
 def prepare_training(args: argparse.Namespace) -> tuple:
     """Resolved config, run folder and job callable for pretraining."""
     from launchers.slurm_jobs import TrainJob
-    from ssd.config import ConfigError, load_config, to_dict
+    from ssd.config import ConfigError, check_world_size, load_config, to_dict
 
+    processes = args.nodes * (args.tasks_per_node or max(args.gpus_per_node, 1))
     try:
         cfg = load_config(args.config, args.args)
+        check_world_size(cfg, processes)
     except ConfigError as error:
         raise LaunchError(f"config error: {error}") from None
     # Fixed now, not in the job: every restart of the job must find the same run folder and its checkpoints.
     if not cfg.output.run_name:
         cfg.output.run_name = f"{cfg.recipe}-{time.strftime('%Y%m%d-%H%M%S')}"
     cfg.output.root = str(Path(cfg.output.root).expanduser().resolve())
-    processes = args.nodes * (args.tasks_per_node or max(args.gpus_per_node, 1))
-    if cfg.train.batch_size % (processes * cfg.train.grad_accum_steps):
-        raise LaunchError(
-            f"train.batch_size={cfg.train.batch_size} is not divisible by the job's {processes} processes x "
-            f"train.grad_accum_steps={cfg.train.grad_accum_steps}: change one of them"
-        )
     run_dir = Path(cfg.output.root) / cfg.output.run_name
+    check_data_root(cfg.data)
+    check_resume(cfg, run_dir)
     cpus = args.cpus_per_task or cfg.data.num_workers + 1  # the data loader's workers plus the training loop
     return cfg, run_dir, cpus, TrainJob(to_dict(cfg))
+
+
+def check_cluster_options(args: argparse.Namespace) -> None:
+    """Numbers sbatch would reject later, or accept and misread, are refused before anything is written."""
+    minimum = {"nodes": 1, "gpus_per_node": 0, "tasks_per_node": 1, "cpus_per_task": 1, "time": 1,
+               "max_timeouts": 0, "signal_delay": 0}
+    for name, lowest in minimum.items():
+        value = getattr(args, name)
+        if value is not None and value < lowest:
+            raise LaunchError(f"--{name.replace('_', '-')} is {value}; it must be at least {lowest}")
+    if args.mem_gb is not None and args.mem_gb <= 0:
+        raise LaunchError(f"--mem-gb is {args.mem_gb}; give a positive amount or leave it out")
+    if args.signal_delay >= args.time * 60:
+        raise LaunchError(f"--signal-delay {args.signal_delay} s is not shorter than --time {args.time} min: "
+                          "the job would be told to stop before it starts")
+
+
+def check_data_root(data) -> None:
+    """The data folder must exist where the job will look (checked here, so a typo costs no queue wait)."""
+    if data.dataset == "digits":
+        return
+    root = Path(data.root).expanduser()
+    if not root.is_dir():
+        raise LaunchError(f"data.root={data.root} is not a folder on this machine ({root}"
+                          f"{' does not exist' if not root.exists() else ' is a file'}); the job would fail at start. "
+                          "Fix the path (it must be visible from the compute nodes too)")
+
+
+def check_resume(cfg, run_dir: Path) -> None:
+    """When the run folder already holds checkpoints, the same config checks as the job's own start."""
+    from ssd.engine.checkpoint import list_checkpoints
+    from ssd.engine.run_folder import RunFolderError, check_resume_config
+
+    if not list_checkpoints(run_dir):
+        return
+    try:
+        check_resume_config(cfg, run_dir)
+    except RunFolderError as error:
+        raise LaunchError(str(error)) from None
 
 
 def prepare_eval(args: argparse.Namespace) -> tuple:
@@ -196,6 +234,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def launch(args: argparse.Namespace) -> int:
+    check_cluster_options(args)
     if args.eval:
         job_dir, cpus, job = prepare_eval(args)
         cfg, name = None, args.job_name or f"eval-{args.eval}"
@@ -204,20 +243,22 @@ def launch(args: argparse.Namespace) -> int:
         name = args.job_name or cfg.output.run_name
     folder = job_dir / "slurm"
     params = sbatch_parameters(args, name, cpus)
-    if args.dry_run:
-        print_dry_run(args, folder, params, cfg)
-        return 0
-    check_sbatch()
     warning = shared_fs_warning(job_dir, args.nodes)
     if warning:
         logging.getLogger("ssd.slurm").warning(warning)
         print(f"warning: {warning}", file=sys.stderr)
+    if args.dry_run:
+        print_dry_run(args, folder, params, cfg)
+        return 0
+    check_sbatch()
     created = not job_dir.exists()
     job_dir.mkdir(parents=True, exist_ok=True)
-    if cfg is not None:
-        from ssd.config import save_config
+    if cfg is not None and not (job_dir / "config.yaml").exists():
+        # Written now so the resume-by-hand command works from the start; a run folder that already has one
+        # keeps it until the job has checked the new config against it (ssd.engine.run_folder).
+        from ssd.engine.run_folder import saved_form
 
-        save_config(cfg, job_dir / "config.yaml")
+        save_config(saved_form(cfg), job_dir / "config.yaml")
     try:
         submitted = submit(folder, params, args.max_timeouts, job)
     except FailedJobError as error:

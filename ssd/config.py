@@ -9,6 +9,7 @@ an unknown key names the nearest valid one, a wrong type names the key, the valu
 from __future__ import annotations
 
 import difflib
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -64,6 +65,10 @@ class DataConfig:
     split: str = "train"
     holdout_fraction: float = 0.2  # digits only: share held out as the k-NN test split
     on_bad_image: str = "skip"  # skip (warn, count, use the next image) | fail
+    # Images above this many pixels are treated as unreadable (skipped or failed as on_bad_image says) before
+    # they are decoded: a 20 KB PNG can decode to 169 megapixels (1.7 GB per worker). ImageNet's largest image is
+    # about 20 megapixels; raise it for large photos or remote sensing.
+    max_image_pixels: int = 50_000_000
     num_workers: int = 8
     mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
     std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
@@ -103,6 +108,10 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
     resume: bool = True  # continue from the newest valid checkpoint in the run folder, if any
+    # One-shot choices for this start (never written to the run's config.yaml):
+    resume_from: str = ""  # a checkpoint file, or a step number of this run folder, to resume from instead
+    overwrite: bool = False  # with resume=false: delete this run folder's checkpoints and logs, start at step 0
+    allow_changes: bool = False  # resume even though optimisation/schedule keys changed (e.g. lower lr after NaN)
 
 
 @dataclass
@@ -114,7 +123,10 @@ class OutputConfig:
 @dataclass
 class CheckpointConfig:
     every_steps: int = 500
-    keep: int = 3
+    keep: int = 3  # newest checkpoints kept (the newest usable one is always kept too)
+    # A checkpoint whose largest weight exceeds this is marked unusable: trained ViTs and ResNets hold weights of
+    # order 1-100, so far larger ones mean the run was already blowing up (a NaN usually follows).
+    max_abs_weight: float = 1e4
 
 
 @dataclass
@@ -220,8 +232,13 @@ def _expected_type(key: str) -> str:
 def resolve_recipe(recipe: str | None) -> Path:
     name = recipe or DEFAULT_RECIPE
     path = Path(name)
-    if path.suffix in (".yaml", ".yml") and path.exists():
-        return path
+    if path.suffix in (".yaml", ".yml"):
+        if path.is_file():
+            return path
+        if (RECIPES_DIR / path.name).is_file() and len(path.parts) == 1:
+            return RECIPES_DIR / path.name
+        raise ConfigError(f"config file {path} does not exist (give a YAML file or a recipe name from "
+                          f"{RECIPES_DIR})")
     candidate = RECIPES_DIR / f"{name}.yaml"
     if candidate.exists():
         return candidate
@@ -229,12 +246,27 @@ def resolve_recipe(recipe: str | None) -> Path:
     raise ConfigError(f"recipe '{name}' not found: give a YAML file path or one of {', '.join(known)}")
 
 
+def _load_yaml(path: Path) -> DictConfig:
+    try:
+        values = OmegaConf.load(path)
+    except OSError as error:
+        raise ConfigError(f"cannot read config file {path}: {error.strerror or error}") from None
+    except Exception as error:  # yaml.YAMLError and OmegaConf's grammar errors: name the file and the line
+        detail = " ".join(str(error).split())[:300]
+        raise ConfigError(f"config file {path} is not valid YAML: {detail}") from None
+    if not isinstance(values, DictConfig):
+        raise ConfigError(f"config file {path} must hold a mapping of keys (model:, train:, ...), "
+                          f"not a {type(values).__name__}")
+    return values
+
+
 def load_config(recipe: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
     """Schema defaults <- recipe YAML <- `key=value` overrides, validated; returns a typed DictConfig."""
     recipe_path = resolve_recipe(recipe)
     cfg = OmegaConf.structured(Config)
-    recipe_values = OmegaConf.load(recipe_path)
-    recipe_values.pop("recipe", None)
+    recipe_values = _load_yaml(recipe_path)
+    # A run's own config.yaml names the recipe it started from: keep that name when it is loaded to resume.
+    cfg.recipe = str(recipe_values.pop("recipe", "") or "")
     _check_known_keys(_flat_keys(OmegaConf.to_container(recipe_values)), f"recipe {recipe_path}")
     cfg = _merge(cfg, recipe_values, f"recipe {recipe_path}")
     if not cfg.recipe:
@@ -255,6 +287,7 @@ def load_config(recipe: str | None = None, overrides: list[str] | tuple[str, ...
 
 
 def validate(cfg: DictConfig) -> None:
+    """Reject values that make no sense, before anything runs or is written; each message names the key."""
     for key, allowed in CHOICES.items():
         value = OmegaConf.select(cfg, key)
         if value not in allowed:
@@ -262,14 +295,97 @@ def validate(cfg: DictConfig) -> None:
     for key in ("crops.global_scale", "crops.local_scale", "optim.betas"):
         if len(OmegaConf.select(cfg, key)) != 2:
             raise ConfigError(f"config key '{key}' needs two numbers, e.g. {key}=[0.4,1.0]")
-    positive = ("train.batch_size", "train.grad_accum_steps", "checkpoint.every_steps", "log.every_steps")
-    for key in positive:
-        if OmegaConf.select(cfg, key) <= 0:
-            raise ConfigError(f"config key '{key}' must be positive, got {OmegaConf.select(cfg, key)}")
+    for key, low, high, low_open in RANGES:
+        _check_range(key, OmegaConf.select(cfg, key), low, high, low_open)
+    for key in ("crops.global_scale", "crops.local_scale"):
+        smallest, largest = OmegaConf.select(cfg, key)
+        if not 0 < smallest <= largest <= 1:
+            raise ConfigError(f"config key '{key}' is [{smallest}, {largest}]; it needs 0 < min <= max <= 1 "
+                              f"(fractions of the image area), e.g. {key}=[0.4,1.0]")
     if cfg.train.epochs <= 0 and cfg.train.max_steps <= 0:
         raise ConfigError("set train.epochs or train.max_steps to a positive number")
+    if cfg.train.overwrite and cfg.train.resume:
+        raise ConfigError("train.overwrite=true deletes the run folder's checkpoints: it needs train.resume=false "
+                          "too, to say that starting over is meant")
+    _check_patch_multiples(cfg)
     if cfg.data.dataset != "digits" and not cfg.data.root:
         raise ConfigError(f"data.dataset={cfg.data.dataset} needs data.root=/path/to/images")
+
+
+# (key, lowest, highest, lowest excluded): numeric keys with a meaningful range.
+INF = float("inf")
+RANGES = [
+    ("train.batch_size", 1, INF, False), ("train.grad_accum_steps", 1, INF, False),
+    ("train.epochs", 0, INF, False), ("train.max_steps", 0, INF, False),
+    ("checkpoint.every_steps", 1, INF, False), ("checkpoint.keep", 0, INF, False),
+    ("checkpoint.max_abs_weight", 0, INF, True), ("log.every_steps", 1, INF, False),
+    ("optim.base_lr", 0, INF, True), ("optim.min_lr", 0, INF, False), ("optim.lr_reference_batch", 1, INF, False),
+    ("optim.warmup_epochs", 0, INF, False), ("optim.weight_decay", 0, INF, False),
+    ("optim.weight_decay_end", 0, INF, False), ("optim.clip_grad", 0, INF, False),
+    ("optim.freeze_last_layer_epochs", 0, INF, False),
+    ("method.student_temp", 0, INF, True), ("method.teacher_temp", 0, INF, True),
+    ("method.warmup_teacher_temp", 0, INF, True), ("method.warmup_teacher_temp_epochs", 0, INF, False),
+    ("method.center_momentum", 0, 1, False), ("method.momentum_teacher", 0, 1, False),
+    ("method.momentum_teacher_end", 0, 1, False),
+    ("model.img_size", 1, INF, False), ("model.patch_size", 0, INF, False), ("model.drop_path_rate", 0, 1, False),
+    ("model.num_registers", 0, INF, False), ("head.out_dim", 1, INF, False), ("head.hidden_dim", 1, INF, False),
+    ("head.bottleneck_dim", 1, INF, False), ("head.nlayers", 1, INF, False),
+    ("crops.global_size", 1, INF, False), ("crops.local_size", 1, INF, False), ("crops.local_number", 0, INF, False),
+    ("data.num_workers", 0, INF, False), ("data.holdout_fraction", 0, 1, True),
+    ("data.max_image_pixels", 1, INF, False), ("eval.batch_size", 1, INF, False),
+    ("eval.knn_temperature", 0, INF, True), ("eval.resize_size", 1, INF, False), ("eval.crop_size", 1, INF, False),
+]
+
+
+def _check_range(key: str, value, low: float, high: float, low_open: bool) -> None:
+    too_low = value <= low if low_open else value < low
+    if not (too_low or value > high):
+        return
+    lower = f"> {low:g}" if low_open else f">= {low:g}"
+    if low in (0, 1) and (low_open or low == 1):
+        lower = f"positive ({lower})"
+    needed = f"{lower} and <= {high:g}" if high != INF else lower
+    hint = ""
+    if key.startswith("method.") and key.endswith("temp"):
+        hint = " (a softmax temperature divides the logits: 0 or below gives inf/NaN)"
+    raise ConfigError(f"config key '{key}' is {value}; it must be {needed}{hint}")
+
+
+def patch_size_of_config(model) -> int | None:
+    """The ViT patch size a model config asks for: model.patch_size, or the one in the timm name (vit_*_patch16_*);
+    None for architectures without patches."""
+    if model.patch_size:
+        return int(model.patch_size)
+    match = re.search(r"patch(\d+)", model.arch)
+    return int(match.group(1)) if match else None
+
+
+def _check_patch_multiples(cfg: DictConfig) -> None:
+    patch = patch_size_of_config(cfg.model)
+    if not patch:
+        return
+    sizes = ["crops.global_size"] + (["crops.local_size"] if cfg.crops.local_number else [])
+    sizes += ["eval.crop_size"] if cfg.eval.knn else []
+    for key in sizes:
+        size = OmegaConf.select(cfg, key)
+        if size % patch:
+            fitting = max(patch, size // patch * patch)
+            raise ConfigError(f"config key '{key}' is {size}, not a multiple of the patch size {patch} of "
+                              f"{cfg.model.arch}: use {fitting} or {fitting + patch}")
+
+
+def check_world_size(cfg: DictConfig, processes: int) -> None:
+    """The global batch must split evenly over processes and accumulation steps."""
+    accum = cfg.train.grad_accum_steps
+    if processes < 1:
+        raise ConfigError(f"a run needs at least one process, got {processes}")
+    if cfg.train.batch_size % (processes * accum):
+        per = processes * accum
+        lower, higher = max(per, cfg.train.batch_size // per * per), (cfg.train.batch_size // per + 1) * per
+        raise ConfigError(
+            f"train.batch_size={cfg.train.batch_size} is not divisible by {processes} process(es) x "
+            f"train.grad_accum_steps={accum}: use train.batch_size={lower} or {higher}"
+        )
 
 
 def save_config(cfg: DictConfig, path: str | Path) -> None:
@@ -288,5 +404,5 @@ def config_from_dict(values: dict) -> DictConfig:
 
 __all__ = [
     "Config", "ConfigError", "load_config", "save_config", "to_dict", "config_from_dict", "resolve_recipe",
-    "validate",
+    "validate", "check_world_size", "patch_size_of_config",
 ]

@@ -9,20 +9,43 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import shutil
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-from ssd.config import ConfigError, load_config, save_config
-from ssd.data import MultiCropAugmentation, build_dataset
-from ssd.engine import distributed
+from ssd.config import ConfigError, check_world_size, load_config
+from ssd.data import DatasetError, MultiCropAugmentation, build_dataset
+from ssd.engine import distributed, signals
+from ssd.engine.checkpoint import CheckpointError
+from ssd.engine.run_folder import ResumePlan, RunFolderError, open_run_folder
 from ssd.engine.state import seed_everything
-from ssd.engine.trainer import Trainer
+from ssd.engine.trainer import NonFiniteLossError, Trainer, steps_per_epoch
 from ssd.methods import build_method
 
 log = logging.getLogger("ssd")
+EXIT_USAGE = 2
+# sysexits.h EX_TEMPFAIL, "try again later": the run stopped on a signal after saving; running the same command
+# resumes it. Distinct from 0 so that `train && export` does not export an unfinished model.
+EXIT_PREEMPTED = 75
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Errors a user causes and fixes (one line, exit 2); anything else is a bug and keeps its traceback."""
+    from ssd.checkpoint_import import WeightsError
+
+    return (ConfigError, DatasetError, RunFolderError, WeightsError)
+
+
+def report_error(message: str, code: int) -> int:
+    """Print a user-facing error as one block without a traceback (SSD_DEBUG=1 shows it)."""
+    if os.environ.get("SSD_DEBUG"):
+        raise
+    print(message, file=sys.stderr)
+    return code
 
 
 def setup_logging(rank: int) -> None:
@@ -57,33 +80,74 @@ def build_transform(cfg) -> MultiCropAugmentation:
     )
 
 
+def agree_on_run_folder(cfg, run_dir: Path, steps_per_epoch: int, dataset_size: int, dist_info) -> ResumePlan:
+    """Rank 0 opens the run folder (lock, checks, config.yaml); every rank learns the outcome, so a refusal
+    stops all ranks with the same message instead of leaving them waiting for rank 0."""
+    plan, outcome, failure = ResumePlan(), [{}], None
+    if dist_info.is_main:
+        try:
+            plan = open_run_folder(cfg, run_dir, steps_per_epoch, dataset_size)
+            outcome = [{"resume": str(plan.path) if plan.path else None}]
+        except BaseException as error:
+            failure = error
+            outcome = [{"error": str(error) if isinstance(error, RunFolderError)
+                        else f"rank 0 could not open the run folder ({type(error).__name__}: {error})"}]
+    if distributed.is_distributed():
+        torch.distributed.broadcast_object_list(outcome, src=0)
+    if failure is not None:
+        raise failure
+    if "error" in outcome[0]:
+        raise RunFolderError(outcome[0]["error"])
+    if not dist_info.is_main and outcome[0]["resume"]:
+        plan = ResumePlan(path=Path(outcome[0]["resume"]))
+    return plan
+
+
 def run(cfg) -> dict:
-    """Train in this process (one rank of a job when WORLD_SIZE > 1). Returns status, step and run folder."""
+    """Train in this process (one rank of a job when WORLD_SIZE > 1). Returns status, step and run folder.
+
+    Everything a user can get wrong (config, data, weights, the run folder) is checked before anything is
+    written, and refused with an error that names the problem (`USER_ERRORS`)."""
     dist_info = distributed.init_distributed(cfg.train.device)
     setup_logging(dist_info.rank)
+    signals.stop_when_launcher_dies()
+    check_world_size(cfg, dist_info.world_size)
     seed_everything(cfg.train.seed + dist_info.rank)
     run_dir = resolve_run_dir(cfg, dist_info)
-    if dist_info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
-        log.info("run folder: %s", run_dir.resolve())
     dataset = build_dataset(cfg.data, cfg.data.split)
+    steps = steps_per_epoch(cfg, len(dataset), dist_info.world_size)
     method = build_method(cfg)
-    trainer = Trainer(cfg, method, dataset, build_transform(cfg), dist_info, run_dir)
-    if dist_info.is_main:
-        log.info("%d images, %d steps per epoch, %d steps in all, global batch %d on %d process(es)",
-                 len(dataset), trainer.steps_per_epoch, trainer.schedule.total_steps, cfg.train.batch_size,
-                 dist_info.world_size)
-    result = trainer.fit()
-    if result["status"] == "finished" and cfg.eval.knn:
+    plan = agree_on_run_folder(cfg, run_dir, steps, len(dataset), dist_info)
+    training = False
+    try:
         if dist_info.is_main:
-            from ssd.knn_report import knn_report
+            log.info("run folder: %s", run_dir.resolve())
+        trainer = Trainer(cfg, method, dataset, build_transform(cfg), dist_info, run_dir)
+        if plan.path is not None:
+            trainer.resume(plan.path, plan.state)
+            plan.state = None  # the loaded checkpoint can be a large share of host memory
+        if dist_info.is_main:
+            log.info("%d images, %d steps per epoch, %d steps in all, global batch %d on %d process(es)",
+                     len(dataset), trainer.steps_per_epoch, trainer.schedule.total_steps, cfg.train.batch_size,
+                     dist_info.world_size)
+        training = True
+        result = trainer.fit()
+        if result["status"] == "finished" and cfg.eval.knn:
+            if dist_info.is_main:
+                from ssd.knn_report import knn_report
 
-            result["knn"] = knn_report(cfg, method.teacher_backbone(), run_dir, dist_info.device)
-        distributed.barrier()
-    if dist_info.is_main:
-        log.info("%s at step %d; run folder: %s", result["status"], result["step"], run_dir.resolve())
-    distributed.shutdown()
+                result["knn"] = knn_report(cfg, method.teacher_backbone(), run_dir, dist_info.device)
+            distributed.barrier()
+        if dist_info.is_main:
+            log.info("%s at step %d; run folder: %s", result["status"], result["step"], run_dir.resolve())
+    except BaseException:
+        if plan.created and not training:  # a start that failed leaves no empty run folder behind
+            plan.release()
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+    finally:
+        plan.release()
+        distributed.shutdown()
     return result
 
 
@@ -102,14 +166,19 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Exit status: 0 finished, 75 (EXIT_PREEMPTED) stopped early by a signal with a checkpoint saved,
+    2 a problem with the command's input (config, data, weights, run folder), 1 the run failed."""
     args, overrides = parse_args(argv)
     try:
         cfg = load_config(args.config, overrides)
+        result = run(cfg)
     except ConfigError as error:
-        print(f"config error: {error}", file=sys.stderr)
-        return 2
-    result = run(cfg)
-    return 0 if result["status"] in ("finished", "preempted") else 1
+        return report_error(f"config error: {error}", EXIT_USAGE)
+    except user_errors() as error:
+        return report_error(f"error: {error}", EXIT_USAGE)
+    except (NonFiniteLossError, CheckpointError) as error:
+        return report_error(f"error: {error}", 1)
+    return EXIT_PREEMPTED if result["status"] == "preempted" else 0
 
 
 if __name__ == "__main__":

@@ -193,7 +193,7 @@ def test_without_slurm_the_error_says_so_and_what_to_do(tmp_path, monkeypatch, c
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["--tasks-per-node", "3", "--gpus-per-node", "0", "train.batch_size=32"], "not divisible by the job's 3"),
+        (["--tasks-per-node", "3", "--gpus-per-node", "0", "train.batch_size=32"], "not divisible by 3 process(es)"),
         (["optim.bse_lr=1"], "did you mean 'optim.base_lr'"),
         (["--eval", "no_such_protocol"], "no evaluation protocol eval_protocols.no_such_protocol"),
     ],

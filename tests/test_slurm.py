@@ -23,8 +23,9 @@ from launchers import slurm
 
 STEPS = 40
 TINY_JOB = [
-    "--gpus-per-node", "0", "--tasks-per-node", "2", "--time", "10",
-    f"train.max_steps={STEPS}", "train.batch_size=32", "data.num_workers=0",
+    "--gpus-per-node", "0", "--tasks-per-node", "2", "--cpus-per-task", "1", "--time", "10",
+    # Two DataLoader workers per task, as every shipped recipe uses: scancel and preemption signal them too.
+    f"train.max_steps={STEPS}", "train.batch_size=32", "data.num_workers=2",
     "model.patch_size=8", "model.timm_kwargs.depth=2",
     "head.out_dim=256", "head.hidden_dim=128", "head.bottleneck_dim=64", "crops.local_number=2",
     "checkpoint.every_steps=10", "log.every_steps=2", "log.progress_bar=false", "log.tensorboard=false",

@@ -5,6 +5,7 @@ import signal
 import subprocess
 import time
 
+from ssd.train import EXIT_PREEMPTED
 from tests.tiny import (
     REPO,
     assert_bitwise_equal,
@@ -55,7 +56,7 @@ def test_sigterm_saves_at_step_boundary_and_resume_finishes(tmp_path):
         time.sleep(0.01)
     process.send_signal(signal.SIGTERM)
     output, _ = process.communicate(timeout=120)
-    assert process.returncode == 0, output
+    assert process.returncode == EXIT_PREEMPTED, output
     saved = sorted((tmp_path / "term").glob("checkpoint_*.pt"))
     assert len(saved) == 1 and saved[0].name != "checkpoint_00000040.pt", output
     assert "stop requested" in output

@@ -13,6 +13,7 @@ import errno
 import logging
 import os
 import re
+import shutil
 from pathlib import Path
 
 import torch
@@ -20,6 +21,7 @@ import torch
 FORMAT = "ssd.checkpoint"
 VERSION = 1
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint_(\d{8})\.pt$")
+TEMPORARY_MARK = ".tmp-"  # .checkpoint_<step>.pt.tmp-<pid>: a write in progress (or killed)
 log = logging.getLogger(__name__)
 
 
@@ -40,26 +42,84 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
     return sorted(found, key=lambda p: int(CHECKPOINT_PATTERN.match(p.name).group(1)))
 
 
+def _no_space(error: BaseException, folder: Path) -> bool:
+    """Whether a failed write ran out of space. torch.save reports a full disk as a RuntimeError from its zip
+    writer, with the OSError(ENOSPC) only in the exception's context, so walk the chain, then ask the disk."""
+    seen = error
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    try:
+        return shutil.disk_usage(folder).free < 1024 * 1024
+    except OSError:
+        return False
+
+
 def save_checkpoint(path: str | Path, state: dict) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    temporary = path.with_name(f".{path.name}{TEMPORARY_MARK}{os.getpid()}")
     try:
         with open(temporary, "wb") as handle:
             torch.save({"format": FORMAT, "version": VERSION, **state}, handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(temporary, path)
-    except OSError as error:
+    except BaseException as error:  # also KeyboardInterrupt: never leave the hidden temporary file behind
         temporary.unlink(missing_ok=True)
-        if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        if not isinstance(error, Exception):
+            raise
+        if _no_space(error, path.parent):
             raise CheckpointError(
-                f"no space left to write checkpoint {path}: free disk space or set output.root to a larger "
-                "file system, then resume; earlier checkpoints are untouched"
+                f"no space left to write checkpoint {path}: free space on that disk or set output.root to a "
+                "larger file system, then resume; earlier checkpoints are untouched"
             ) from error
-        raise CheckpointError(f"could not write checkpoint {path}: {error}") from error
+        raise CheckpointError(f"could not write checkpoint {path}: {type(error).__name__}: {error}") from error
     _fsync_directory(path.parent)
     return path
+
+
+def remove_stale_temporaries(run_dir: str | Path) -> list[Path]:
+    """Delete temporary checkpoint files left by a process killed while writing (call with the run lock held)."""
+    stale = [p for p in Path(run_dir).glob(f".checkpoint_*.pt{TEMPORARY_MARK}*") if p.is_file()]
+    for path in stale:
+        log.warning("removing %s, a checkpoint that was being written when its process died", path)
+        path.unlink(missing_ok=True)
+    return stale
+
+
+def step_of(path: Path) -> int:
+    return int(CHECKPOINT_PATTERN.match(path.name).group(1))
+
+
+def weights_health(tensors, max_abs_weight: float) -> dict:
+    """Whether weights can be trained on from: all finite and none beyond `max_abs_weight`."""
+    finite, largest = True, 0.0
+    for tensor in tensors:
+        if tensor.is_floating_point() and tensor.numel():
+            finite = finite and bool(torch.isfinite(tensor).all())
+            largest = max(largest, float(tensor.detach().abs().max()))
+    return {"finite": finite, "max_abs_weight": largest, "usable": finite and largest <= max_abs_weight}
+
+
+def newest_usable_checkpoint(run_dir: str | Path) -> Path | None:
+    """The newest readable checkpoint whose weights were healthy when saved (see `weights_health`)."""
+    for path in reversed(list_checkpoints(run_dir)):
+        try:
+            # mmap: only the small pickle is read; the tensors stay on disk.
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception:
+            continue
+        if isinstance(state, dict) and state.get("format") == FORMAT and state.get("health", {}).get("usable", True):
+            return path
+    return None
+
+
+def resume_command(run_dir: Path, path: Path, cfg) -> str:
+    lower_lr = float(cfg.optim.base_lr) / 2
+    return (f"python -m ssd.train --config {Path(run_dir) / 'config.yaml'} train.resume_from={path} "
+            f"optim.base_lr={lower_lr:g} train.allow_changes=true  (or another fix: longer warmup, fp32)")
 
 
 def _fsync_directory(directory: Path) -> None:
@@ -115,9 +175,10 @@ def load_latest_checkpoint(run_dir: str | Path) -> tuple[Path, dict] | None:
     return None
 
 
-def prune_checkpoints(run_dir: str | Path, keep: int, protect: Path | None = None) -> None:
-    """Delete all but the newest `keep` checkpoints (never `protect`, the last known-good one)."""
+def prune_checkpoints(run_dir: str | Path, keep: int, protect=()) -> None:
+    """Delete all but the newest `keep` checkpoints, never one in `protect` (the one just written, and the newest
+    usable one: after a blow-up the newest files may all hold diverged weights)."""
+    protected = {Path(p).resolve() for p in ([protect] if isinstance(protect, (str, Path)) else protect) if p is not None}
     for path in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
-        if protect is not None and path == protect:
-            continue
-        path.unlink(missing_ok=True)
+        if path.resolve() not in protected:
+            path.unlink(missing_ok=True)

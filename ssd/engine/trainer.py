@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from ssd.config import to_dict
+from ssd.config import ConfigError, check_world_size, to_dict
 from ssd.data import ResumableDistributedSampler, SeededCropsDataset, collate_crops
 from ssd.engine import checkpoint as ckpt
 from ssd.engine import distributed, signals
@@ -35,7 +35,22 @@ COLLAPSE_PATIENCE = 3  # consecutive log points in a collapsed state before warn
 
 
 class NonFiniteLossError(RuntimeError):
-    pass
+    """The loss or the weights stopped being finite; the message names the newest usable checkpoint."""
+
+
+def steps_per_epoch(cfg, dataset_size: int, world_size: int) -> int:
+    """Optimizer steps in one pass over the data (each rank takes 1/world of it); refuses a data set smaller
+    than one global batch."""
+    check_world_size(cfg, world_size)
+    per_step = cfg.train.batch_size // world_size
+    steps = (dataset_size // world_size) // per_step
+    if steps == 0:
+        raise ConfigError(
+            f"the data set has {dataset_size} images, fewer than one global batch of train.batch_size="
+            f"{cfg.train.batch_size} (over {world_size} process(es)): lower train.batch_size to at most "
+            f"{max(dataset_size // world_size * world_size, world_size)}"
+        )
+    return steps
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -50,19 +65,10 @@ class Trainer:
         self.device = dist_info.device
         self.method = method.to(self.device)
         world, accum = dist_info.world_size, cfg.train.grad_accum_steps
-        if cfg.train.batch_size % (world * accum):
-            raise ValueError(
-                f"train.batch_size={cfg.train.batch_size} must be divisible by processes x grad_accum_steps "
-                f"= {world} x {accum}"
-            )
+        self.steps_per_epoch = steps_per_epoch(cfg, len(dataset), world)
         self.micro_batch = cfg.train.batch_size // (world * accum)
+        self.dataset_size = len(dataset)
         self.sampler = ResumableDistributedSampler(len(dataset), world, dist_info.rank, seed=cfg.train.seed)
-        self.steps_per_epoch = (len(dataset) // world) // (self.micro_batch * accum)
-        if self.steps_per_epoch == 0:
-            raise ValueError(
-                f"the data set has {len(dataset)} images, fewer than one global batch "
-                f"(train.batch_size={cfg.train.batch_size}): lower train.batch_size"
-            )
         self.loader = torch.utils.data.DataLoader(
             SeededCropsDataset(dataset, transform, seed=cfg.train.seed, on_bad_image=cfg.data.on_bad_image),
             batch_size=self.micro_batch,
@@ -72,6 +78,7 @@ class Trainer:
             pin_memory=self.device.type == "cuda",
             drop_last=True,
             persistent_workers=cfg.data.num_workers > 0,
+            worker_init_fn=signals.ignore_stop_signals,  # the main process saves first, then stops the workers
             # A private generator: creating a loader iterator must not consume the global RNG, or a resumed
             # run (which creates it at a different point) would draw different drop-path masks.
             generator=torch.Generator().manual_seed(cfg.train.seed),
@@ -96,11 +103,17 @@ class Trainer:
             )
         self.step = 0
         self.last_checkpoint: Path | None = None
+        self.last_usable_checkpoint: Path | None = None
         self.collapse_counts: dict[str, int] = {}
 
     # ---- checkpoints -------------------------------------------------------------------------------------
     def save(self) -> Path | None:
         rng_states = gather_rng_states(self.dist.world_size)  # collective
+        # Every rank holds the same weights (DDP), so every rank reaches the same verdict without a collective.
+        health = ckpt.weights_health(self.method.parameters(), self.cfg.checkpoint.max_abs_weight)
+        if not health["finite"]:
+            raise NonFiniteLossError(f"the weights are not finite at step {self.step}; no checkpoint was written. "
+                                     + self._recovery_advice())
         path = None
         if self.dist.is_main:
             epoch = self.schedule.epoch_of(self.step)
@@ -116,19 +129,39 @@ class Trainer:
                     "rng": rng_states,
                     "sampler": {"epoch": epoch, "start": self._epoch_offset(self.step), "seed": self.cfg.train.seed},
                     "world_size": self.dist.world_size,
+                    "data": {"images": self.dataset_size},
+                    "health": health,
                 },
             )
-            ckpt.prune_checkpoints(self.run_dir, self.cfg.checkpoint.keep, protect=path)
+            if not health["usable"]:
+                log.warning("weights reach %.3g at step %d (checkpoint.max_abs_weight=%g): the run is blowing up. "
+                            "%s stays as the newest usable checkpoint", health["max_abs_weight"], self.step,
+                            self.cfg.checkpoint.max_abs_weight, self.last_usable_checkpoint or "none")
+            protect = [path] + ([self.last_usable_checkpoint] if self.last_usable_checkpoint else [])
+            ckpt.prune_checkpoints(self.run_dir, self.cfg.checkpoint.keep, protect=protect)
         distributed.barrier()
         self.last_checkpoint = ckpt.checkpoint_path(self.run_dir, self.step)
+        if health["usable"]:
+            self.last_usable_checkpoint = self.last_checkpoint
         return path
 
-    def resume(self) -> bool:
-        found = ckpt.load_latest_checkpoint(self.run_dir)
-        if found is None:
-            return False
-        path, state = found
-        self.method.load_state_dict(state["method"])
+    def _recovery_advice(self) -> str:
+        usable = self.last_usable_checkpoint
+        if usable is None:
+            return "No usable checkpoint exists yet: start again with a lower optim.base_lr or a longer warmup."
+        return (f"The newest usable checkpoint is {usable} (kept). Resume from it with a fix, e.g.: "
+                + ckpt.resume_command(self.run_dir, usable, self.cfg))
+
+    def resume(self, path: Path, state: dict | None = None) -> None:
+        """Continue from checkpoint `path` (chosen by `run_folder.open_run_folder`; `state` if already loaded)."""
+        state = state if state is not None else ckpt.load_checkpoint(path)
+        try:
+            self.method.load_state_dict(state["method"])
+        except RuntimeError as error:  # tensor shapes or names: the checkpoint was written for another model
+            first = str(error).strip().splitlines()
+            raise ckpt.CheckpointError(f"checkpoint {path} does not fit the model of this config ("
+                                       f"{' '.join(first[:3])[:400]}); resume it with the config it was "
+                                       "written with") from None
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         self.step = int(state["step"])
@@ -136,9 +169,10 @@ class Trainer:
             log.warning("checkpoint was written by %s processes, this run has %s: drop-path randomness will "
                         "differ from an uninterrupted run", state.get("world_size"), self.dist.world_size)
         self.last_checkpoint = path
+        if state.get("health", {}).get("usable", True):
+            self.last_usable_checkpoint = Path(path)
         if self.dist.is_main:
             log.info("resumed from %s at step %d", path, self.step)
-        return True
 
     def _epoch_offset(self, step: int) -> int:
         """Samples this rank already consumed in the epoch that contains `step`."""
@@ -153,7 +187,9 @@ class Trainer:
             micro_batches_left = (self.steps_per_epoch - self.step % self.steps_per_epoch) * (
                 self.cfg.train.grad_accum_steps
             )
-            for index, batch in enumerate(self.loader):
+            with signals.stop_signals_blocked():  # workers are forked here; see ssd.engine.signals
+                iterator = iter(self.loader)
+            for index, batch in enumerate(iterator):
                 yield batch
                 if index + 1 == micro_batches_left:
                     break
@@ -192,11 +228,7 @@ class Trainer:
         flags = distributed.all_reduce_sum(torch.stack([loss, (~torch.isfinite(loss)).float(), stop]))
         if flags[1] > 0:
             self.optimizer.zero_grad(set_to_none=True)
-            raise NonFiniteLossError(
-                f"loss is {loss.item()} at step {self.step}; the last good checkpoint is "
-                f"{self.last_checkpoint or 'none (no checkpoint written yet)'} and is kept. Lower "
-                "optim.base_lr, raise optim.warmup_epochs or use train.precision=fp32, then resume."
-            )
+            raise NonFiniteLossError(f"loss is {loss.item()} at step {self.step}. " + self._recovery_advice())
         self.scaler.unscale_(self.optimizer)
         grad_norm = clip_gradients(self.trainable, self.cfg.optim.clip_grad, self.cfg.optim.clip_mode)
         if schedule["freeze_last_layer"]:
@@ -211,8 +243,6 @@ class Trainer:
     def fit(self) -> dict:
         cfg = self.cfg
         total_steps = self.schedule.total_steps
-        if cfg.train.resume:
-            self.resume()
         writer = MetricsWriter(self.run_dir, self.dist.is_main, cfg.log.tensorboard)
         bar = ProgressBar(self.dist.is_main and cfg.log.progress_bar, total_steps, self.step)
         handlers = signals.install_handlers()

@@ -13,6 +13,8 @@ import timm
 import torch.nn as nn
 from timm.models.vision_transformer import VisionTransformer
 
+from ssd.config import ConfigError
+
 
 def is_vit(arch: str) -> bool:
     return arch.startswith(("vit_", "deit_", "eva02_")) or "vit" in arch.split("_")[0]
@@ -28,7 +30,7 @@ def timm_kwargs(model_cfg: Any) -> dict:
         if model_cfg.num_registers:
             kwargs["reg_tokens"] = int(model_cfg.num_registers)
     elif model_cfg.num_registers:
-        raise ValueError(f"model.num_registers needs a ViT; '{model_cfg.arch}' is not one: set it to 0")
+        raise ConfigError(f"model.num_registers needs a ViT; '{model_cfg.arch}' is not one: set it to 0")
     kwargs.update(dict(model_cfg.timm_kwargs or {}))
     return kwargs
 
@@ -39,17 +41,17 @@ def build_backbone(model_cfg: Any) -> nn.Module:
         import difflib
 
         close = difflib.get_close_matches(model_cfg.arch, timm.list_models(), n=3)
-        raise ValueError(f"unknown timm architecture '{model_cfg.arch}'; close names: {', '.join(close)}")
+        raise ConfigError(f"unknown timm architecture '{model_cfg.arch}'; close names: {', '.join(close)}")
     kwargs = timm_kwargs(model_cfg)
     try:
         model = timm.create_model(model_cfg.arch, pretrained=False, **kwargs)
     except TypeError as error:  # usually a keyword the architecture does not take
-        raise ValueError(
+        raise ConfigError(
             f"timm could not build '{model_cfg.arch}' with {kwargs}: {error}. Check model.timm_kwargs (replace "
             "it whole with model.timm_kwargs={} or model.timm_kwargs={key: value})"
         ) from error
     if not hasattr(model, "num_features"):
-        raise ValueError(f"timm model '{model_cfg.arch}' has no num_features; it cannot be a backbone here")
+        raise ConfigError(f"timm model '{model_cfg.arch}' has no num_features; it cannot be a backbone here")
     return model
 
 
