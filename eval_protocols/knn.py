@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 
 import torch
 
 from eval_protocols import common
 from eval_protocols.search import BACKENDS, INDEX_TYPES, l2_normalize, topk_search
+from ssd.cli import run_command
 
 log = logging.getLogger(__name__)
 
@@ -144,5 +146,9 @@ def main(argv=None) -> dict:
     return report
 
 
+def cli() -> int:
+    return run_command(main)
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(cli())

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import sys
 
 import torch
 import torch.distributed as dist
@@ -34,6 +35,7 @@ from eval_protocols.linear_heads import (
     count_correct,
     make_grid,
 )
+from ssd.cli import run_command
 from ssd.engine.distributed import is_distributed, rank_and_world
 
 log = logging.getLogger(__name__)
@@ -266,5 +268,9 @@ def main(argv=None) -> dict:
     return report
 
 
+def cli() -> int:
+    return run_command(main)
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(cli())

@@ -17,6 +17,7 @@ import argparse
 import dataclasses
 import json
 import os
+import sys
 from pathlib import Path
 
 import timm
@@ -31,6 +32,7 @@ from ssd.checkpoint_import import (
     model_config,
     read_weights,
 )
+from ssd.cli import run_command
 
 FORMAT_VERSION = 1
 
@@ -130,5 +132,9 @@ def main(argv=None) -> Path:
     return out_dir
 
 
+def cli() -> int:
+    return run_command(main)
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(cli())

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import shutil
 import sys
 import time
@@ -17,8 +16,9 @@ from pathlib import Path
 
 import torch
 
+from ssd.cli import EXIT_USAGE, report_error, user_errors
 from ssd.config import ConfigError, check_world_size, load_config
-from ssd.data import DatasetError, MultiCropAugmentation, build_dataset
+from ssd.data import MultiCropAugmentation, build_dataset
 from ssd.engine import distributed, signals
 from ssd.engine.checkpoint import CheckpointError
 from ssd.engine.run_folder import ResumePlan, RunFolderError, open_run_folder
@@ -27,25 +27,9 @@ from ssd.engine.trainer import NonFiniteLossError, Trainer, steps_per_epoch
 from ssd.methods import build_method
 
 log = logging.getLogger("ssd")
-EXIT_USAGE = 2
 # sysexits.h EX_TEMPFAIL, "try again later": the run stopped on a signal after saving; running the same command
 # resumes it. Distinct from 0 so that `train && export` does not export an unfinished model.
 EXIT_PREEMPTED = 75
-
-
-def user_errors() -> tuple[type[BaseException], ...]:
-    """Errors a user causes and fixes (one line, exit 2); anything else is a bug and keeps its traceback."""
-    from ssd.checkpoint_import import WeightsError
-
-    return (ConfigError, DatasetError, RunFolderError, WeightsError)
-
-
-def report_error(message: str, code: int) -> int:
-    """Print a user-facing error as one block without a traceback (SSD_DEBUG=1 shows it)."""
-    if os.environ.get("SSD_DEBUG"):
-        raise
-    print(message, file=sys.stderr)
-    return code
 
 
 def setup_logging(rank: int) -> None:
@@ -174,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         result = run(cfg)
     except ConfigError as error:
         return report_error(f"config error: {error}", EXIT_USAGE)
-    except user_errors() as error:
+    except user_errors(include_checkpoints=False) as error:
         return report_error(f"error: {error}", EXIT_USAGE)
     except (NonFiniteLossError, CheckpointError) as error:
         return report_error(f"error: {error}", 1)

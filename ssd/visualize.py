@@ -12,12 +12,15 @@ writes ``attention.png`` (a row per image: the image, then one map per head) and
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 from torchvision.utils import make_grid, save_image
+
+from ssd.cli import run_command
 
 
 def _check_vit(backbone) -> VisionTransformer:
@@ -146,5 +149,9 @@ def main(argv=None) -> list[Path]:
     return written
 
 
+def cli() -> int:
+    return run_command(main)
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(cli())

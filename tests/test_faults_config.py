@@ -111,3 +111,19 @@ def test_launcher_checks_a_resumed_run_folder_like_the_run_does(tmp_path, capsys
 def test_launcher_warns_in_dry_run_about_a_node_local_run_folder(tmp_path, capsys):
     assert slurm.main(["--dry-run", "--nodes", "2", *TINY_JOB, f"output.root={tmp_path}"]) == 0
     assert "the other nodes will not see its checkpoints" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("module, arguments", [
+    ("eval_protocols.knn", ["README.md", "--dataset", "digits"]),
+    ("eval_protocols.linear", ["/no/such/run", "--dataset", "digits"]),
+    ("ssd.export", ["README.md", "--out", "unused"]),
+    ("ssd.visualize", ["/no/such/run", "README.md"]),
+])
+def test_eval_and_export_commands_name_wrong_weights_without_a_traceback(module, arguments):
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", module, *arguments], cwd=REPO, env=subprocess_env(),
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr and result.stderr.startswith("error: "), result.stderr
+    assert "README.md is a text file, not weights" in result.stderr or "/no/such/run" in result.stderr
