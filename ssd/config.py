@@ -31,6 +31,7 @@ class ModelConfig:
     img_size: int = 224  # ViT position-embedding grid; other crop sizes are interpolated (dynamic_img_size)
     patch_size: int = 0  # 0 keeps the timm architecture's own patch size
     drop_path_rate: float = 0.1
+    drop_path_uniform: bool = False  # the same rate in every block (DINOv2), not timm's linear rise with depth
     num_registers: int = 0  # register tokens (Darcet et al. 2024); 0 for plain DINO
     timm_kwargs: dict[str, Any] = field(default_factory=dict)  # passed as-is to timm.create_model
     pretrained: str = ""  # optional weights file to start from (ssd checkpoint/export, official DINO/DINOv2)
@@ -56,6 +57,20 @@ class MethodConfig:
     center_momentum: float = 0.9
     momentum_teacher: float = 0.996  # EMA momentum at step 0, rises on a cosine to momentum_teacher_end
     momentum_teacher_end: float = 1.0
+    centering: str = "ema"  # ema (DINO's center) | sinkhorn (Sinkhorn-Knopp, DINOv2): for class and patch outputs
+    # Masked patch loss (iBOT, DINOv2, DINOv3); ignored by dino.
+    patch_out_dim: int = 0  # prototypes of the patch head; 0: head.out_dim
+    shared_head: bool = True  # one head for class and patch tokens (iBOT ViT-S), or a separate patch head
+    patch_loss_weight: float = 1.0
+    patch_teacher_temp: float = 0.07
+    warmup_patch_teacher_temp: float = 0.04  # over warmup_teacher_temp_epochs, like the class temperature
+    mask_ratio: list[float] = field(default_factory=lambda: [0.1, 0.5])  # share of a masked crop's patches
+    mask_probability: float = 0.5  # share of global crops that are masked
+    mask_min_block: int = 4  # smallest block of patches (BEiT / iBOT)
+    # false: each crop decides alone whether and how much it is masked (iBOT; the same masks on any number of
+    # processes); true: DINOv2's rule, masking ratios spread evenly over each process's batch
+    mask_spread_in_batch: bool = False
+    koleo_weight: float = 0.0  # KoLeo on the student's class tokens (DINOv2: 0.1)
 
 
 @dataclass
@@ -95,6 +110,9 @@ class OptimConfig:
     clip_grad: float = 3.0  # 0 disables clipping
     clip_mode: str = "per_param"  # per_param (official DINO) | global (clip_grad_norm_ over all parameters)
     freeze_last_layer_epochs: int = 1
+    lr_scaling: str = "linear"  # linear: base_lr * batch / lr_reference_batch | sqrt: base_lr * sqrt(batch / ref)
+    layerwise_decay: float = 1.0  # ViT block i of L gets lr x decay^(L - i) (DINOv2: 0.9; 1.0 disables)
+    patch_embed_lr_mult: float = 1.0  # extra lr factor for the patch embedding (DINOv2: 0.2)
 
 
 @dataclass
@@ -164,7 +182,9 @@ class Config:
 
 
 CHOICES = {
-    "method.name": ("dino",),
+    "method.name": ("dino", "ibot", "dinov2"),
+    "method.centering": ("ema", "sinkhorn"),
+    "optim.lr_scaling": ("linear", "sqrt"),
     "data.dataset": ("digits", "cifar10", "imagefolder", "folder"),
     "data.on_bad_image": ("skip", "fail"),
     "optim.clip_mode": ("per_param", "global"),
@@ -292,7 +312,7 @@ def validate(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key)
         if value not in allowed:
             raise ConfigError(f"config key '{key}' is {value!r}; expected one of {', '.join(allowed)}")
-    for key in ("crops.global_scale", "crops.local_scale", "optim.betas"):
+    for key in ("crops.global_scale", "crops.local_scale", "optim.betas", "method.mask_ratio"):
         if len(OmegaConf.select(cfg, key)) != 2:
             raise ConfigError(f"config key '{key}' needs two numbers, e.g. {key}=[0.4,1.0]")
     for key, low, high, low_open in RANGES:
@@ -302,6 +322,10 @@ def validate(cfg: DictConfig) -> None:
         if not 0 < smallest <= largest <= 1:
             raise ConfigError(f"config key '{key}' is [{smallest}, {largest}]; it needs 0 < min <= max <= 1 "
                               f"(fractions of the image area), e.g. {key}=[0.4,1.0]")
+    low, high = cfg.method.mask_ratio
+    if not 0 <= low <= high < 1:
+        raise ConfigError(f"config key 'method.mask_ratio' is [{low}, {high}]; it needs 0 <= min <= max < 1 "
+                          "(shares of a crop's patches), e.g. method.mask_ratio=[0.1,0.5]")
     if cfg.train.epochs <= 0 and cfg.train.max_steps <= 0:
         raise ConfigError("set train.epochs or train.max_steps to a positive number")
     if cfg.train.overwrite and cfg.train.resume:
@@ -326,7 +350,11 @@ RANGES = [
     ("method.student_temp", 0, INF, True), ("method.teacher_temp", 0, INF, True),
     ("method.warmup_teacher_temp", 0, INF, True), ("method.warmup_teacher_temp_epochs", 0, INF, False),
     ("method.center_momentum", 0, 1, False), ("method.momentum_teacher", 0, 1, False),
-    ("method.momentum_teacher_end", 0, 1, False),
+    ("method.momentum_teacher_end", 0, 1, False), ("method.patch_out_dim", 0, INF, False),
+    ("method.patch_loss_weight", 0, INF, False), ("method.patch_teacher_temp", 0, INF, True),
+    ("method.warmup_patch_teacher_temp", 0, INF, True), ("method.mask_probability", 0, 1, False),
+    ("method.mask_min_block", 1, INF, False), ("method.koleo_weight", 0, INF, False),
+    ("optim.layerwise_decay", 0, 1, True), ("optim.patch_embed_lr_mult", 0, INF, False),
     ("model.img_size", 1, INF, False), ("model.patch_size", 0, INF, False), ("model.drop_path_rate", 0, 1, False),
     ("model.num_registers", 0, INF, False), ("head.out_dim", 1, INF, False), ("head.hidden_dim", 1, INF, False),
     ("head.bottleneck_dim", 1, INF, False), ("head.nlayers", 1, INF, False),

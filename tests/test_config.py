@@ -10,7 +10,24 @@ from tests.tiny import assert_bitwise_equal, final_weights, run_training, tiny_o
 @pytest.mark.parametrize("recipe", sorted(p.stem for p in RECIPES_DIR.glob("*.yaml")))
 def test_every_recipe_loads(recipe):
     cfg = load_config(recipe, ["data.root=/somewhere"])
-    assert cfg.recipe == recipe and cfg.method.name == "dino"
+    assert cfg.recipe == recipe and cfg.method.name == recipe.split("_")[0]
+
+
+def test_masked_recipes_follow_the_released_settings():
+    ibot = load_config("ibot_vit_small16_imagenet", [])
+    assert (ibot.method.name, ibot.head.out_dim, ibot.method.patch_out_dim, ibot.method.shared_head) == (
+        "ibot", 8192, 8192, True)
+    assert (ibot.crops.local_number, list(ibot.crops.global_scale), list(ibot.crops.local_scale)) == (
+        10, [0.25, 1.0], [0.05, 0.25])
+    assert (list(ibot.method.mask_ratio), ibot.method.mask_probability, ibot.train.epochs) == ([0.1, 0.5], 0.5, 800)
+    for size, arch, batch in (("small", "vit_small_patch14_dinov2", 1024), ("large", "vit_large_patch14_dinov2", 2048)):
+        dinov2 = load_config(f"dinov2_vit_{size}14_imagenet", [])
+        assert (dinov2.model.arch, dinov2.train.batch_size, dinov2.model.drop_path_uniform) == (arch, batch, True)
+        assert (dinov2.method.koleo_weight, dinov2.method.shared_head, dinov2.head.out_dim) == (0.1, False, 65536)
+        assert (dinov2.optim.base_lr, dinov2.optim.lr_scaling, dinov2.optim.lr_reference_batch) == (0.004, "sqrt", 1024)
+        assert (dinov2.optim.layerwise_decay, dinov2.optim.patch_embed_lr_mult, dinov2.method.momentum_teacher) == (
+            0.9, 0.2, 0.992)
+        assert dinov2.crops.local_size % 14 == 0 and dinov2.crops.global_size % 14 == 0
 
 
 def test_paper_recipe_has_dino_defaults():

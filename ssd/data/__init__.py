@@ -28,6 +28,7 @@ from ssd.data.image_io import (
     is_image_file,
     load_rgb,
 )
+from ssd.data.masking import MaskingCollator, block_mask, masked_indices
 from ssd.data.multicrop import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -53,12 +54,14 @@ __all__ = [
     "FileListDataset",
     "ImageDataset",
     "ImageFolderDataset",
+    "MaskingCollator",
     "MultiCropAugmentation",
     "ResumableDistributedSampler",
     "SeededCropsDataset",
     "SkippedLinkWarning",
     "UnlabeledFolderDataset",
     "UnreadableImageError",
+    "block_mask",
     "blur_kernel_size",
     "build_dataset",
     "collate_crops",
@@ -66,5 +69,6 @@ __all__ = [
     "find_images",
     "is_image_file",
     "load_rgb",
+    "masked_indices",
     "mix_seeds",
 ]

@@ -61,7 +61,7 @@ def mix_seeds(*values: int) -> int:
 class SeededCropsDataset(Dataset):
     """Wraps a data set (see `ImageDataset`) and a transform; item `(epoch, index)` -> seeded sample dict.
 
-    Returns {"crops": transform(image), "label": int, "index": int}. "index" is the index of the image that
+    Returns {"crops": transform(image), "label": int, "index": int, "epoch": int}. "index" is the index of the image that
     was actually used: it differs from the requested one only when an unreadable image was skipped.
     on_bad_image="skip": warn (BadImageWarning) and use the next readable image, (index + 1) % len, ...
     on_bad_image="fail": raise UnreadableImageError naming the file.
@@ -84,7 +84,7 @@ class SeededCropsDataset(Dataset):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(mix_seeds(self.seed, epoch, index))
             crops = self.transform(image)
-        return {"crops": crops, "label": int(label), "index": used_index}
+        return {"crops": crops, "label": int(label), "index": used_index, "epoch": int(epoch)}
 
     def _load_readable(self, index: int):
         size = len(self.dataset)

@@ -75,3 +75,30 @@ def barrier() -> None:
 def shutdown() -> None:
     if is_distributed():
         dist.destroy_process_group()
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward hands every rank the gradient of its own rows, summed over all ranks' losses.
+
+    The backward is an all-reduce of the full gradient plus a slice, which gloo supports (torch's own
+    differentiable all_gather needs reduce_scatter, which gloo lacks)."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
+        rank, world = rank_and_world()
+        ctx.rows, ctx.rank = tensor.shape[0], rank
+        pieces = [torch.empty_like(tensor) for _ in range(world)]
+        dist.all_gather(pieces, tensor.contiguous())
+        return torch.cat(pieces)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        return grad[ctx.rank * ctx.rows:(ctx.rank + 1) * ctx.rows]
+
+
+def all_gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
+    """(B, ...) on every rank -> (world * B, ...), rank-major, differentiable; the tensor itself when alone.
+    Every rank must pass the same number of rows."""
+    return _GatherWithGrad.apply(tensor) if is_distributed() else tensor

@@ -6,26 +6,32 @@ import torch
 import torch.nn as nn
 
 
-def parameter_groups(module: nn.Module) -> list[dict]:
-    """Biases and 1-D parameters (norm scales, tokens' own gains) get no weight decay, as in DINO/timm."""
-    decay, no_decay = [], []
+def parameter_groups(module: nn.Module, lr_multiplier=None) -> list[dict]:
+    """Biases and 1-D parameters (norm scales, tokens' own gains) get no weight decay, as in DINO/timm.
+
+    `lr_multiplier(name) -> float` (layer-wise lr decay, DINOv2's patch-embedding factor) splits the groups
+    further; parameters with the same multiplier and decay share a group."""
+    groups: dict[tuple[bool, float], dict] = {}
     for name, param in module.named_parameters():
         if not param.requires_grad:
             continue
-        (no_decay if name.endswith(".bias") or param.ndim <= 1 else decay).append(param)
-    return [{"params": decay, "apply_weight_decay": True}, {"params": no_decay, "apply_weight_decay": False}]
+        decay = not (name.endswith(".bias") or param.ndim <= 1)
+        multiplier = float(lr_multiplier(name)) if lr_multiplier else 1.0
+        group = groups.setdefault((decay, multiplier), {"params": [], "apply_weight_decay": decay,
+                                                        "lr_multiplier": multiplier})
+        group["params"].append(param)
+    return [groups[key] for key in sorted(groups, key=lambda key: (not key[0], -key[1]))]
 
 
-def build_optimizer(module: nn.Module, betas, device: torch.device) -> torch.optim.Optimizer:
+def build_optimizer(groups: list[dict], betas, device: torch.device) -> torch.optim.Optimizer:
     # lr and weight decay are set from the schedule before every step (apply_schedule). On GPU the fused
     # kernel updates all parameters in a few launches instead of several per tensor.
-    return torch.optim.AdamW(parameter_groups(module), lr=0.0, weight_decay=0.0, betas=tuple(betas),
-                             fused=device.type == "cuda")
+    return torch.optim.AdamW(groups, lr=0.0, weight_decay=0.0, betas=tuple(betas), fused=device.type == "cuda")
 
 
 def apply_schedule(optimizer: torch.optim.Optimizer, lr: float, weight_decay: float) -> None:
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_multiplier", 1.0)
         group["weight_decay"] = weight_decay if group["apply_weight_decay"] else 0.0
 
 

@@ -34,7 +34,9 @@ class TrainingSchedule:
     def __init__(self, cfg, steps_per_epoch: int, world_batch: int):
         self.steps_per_epoch = steps_per_epoch
         self.total_steps = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
-        self.peak_lr = cfg.optim.base_lr * world_batch / cfg.optim.lr_reference_batch
+        # DINO scales the lr linearly with the batch (reference 256); DINOv2 with its square root (reference 1024).
+        ratio = world_batch / cfg.optim.lr_reference_batch
+        self.peak_lr = cfg.optim.base_lr * (math.sqrt(ratio) if cfg.optim.lr_scaling == "sqrt" else ratio)
         self.cfg = cfg
 
     def epoch_of(self, step: int) -> int:
@@ -51,6 +53,10 @@ class TrainingSchedule:
             ),
             "teacher_temp": linear_warmup_constant(
                 step, method.warmup_teacher_temp_epochs * spe, method.warmup_teacher_temp, method.teacher_temp
+            ),
+            "patch_teacher_temp": linear_warmup_constant(
+                step, method.warmup_teacher_temp_epochs * spe, method.warmup_patch_teacher_temp,
+                method.patch_teacher_temp,
             ),
             "freeze_last_layer": step < optim.freeze_last_layer_epochs * spe,
         }

@@ -21,7 +21,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from ssd.config import ConfigError, check_world_size, to_dict
-from ssd.data import ResumableDistributedSampler, SeededCropsDataset, collate_crops
+from ssd.data import ResumableDistributedSampler, SeededCropsDataset
 from ssd.engine import checkpoint as ckpt
 from ssd.engine import distributed, signals
 from ssd.engine.metrics import MetricsWriter, ProgressBar, peak_memory_mib
@@ -73,7 +73,7 @@ class Trainer:
             SeededCropsDataset(dataset, transform, seed=cfg.train.seed, on_bad_image=cfg.data.on_bad_image),
             batch_size=self.micro_batch,
             sampler=self.sampler,
-            collate_fn=collate_crops,
+            collate_fn=self.method.make_collate(cfg.train.seed),
             num_workers=cfg.data.num_workers,
             pin_memory=self.device.type == "cuda",
             drop_last=True,
@@ -84,7 +84,7 @@ class Trainer:
             generator=torch.Generator().manual_seed(cfg.train.seed),
         )
         self.schedule = TrainingSchedule(cfg, self.steps_per_epoch, cfg.train.batch_size)
-        self.optimizer = build_optimizer(self.method, cfg.optim.betas, self.device)
+        self.optimizer = build_optimizer(self.method.param_groups(), cfg.optim.betas, self.device)
         self.trainable = [p for p in self.method.parameters() if p.requires_grad]
         self.amp_dtype = autocast_dtype(cfg.train.precision, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
@@ -198,11 +198,11 @@ class Trainer:
 
     def _to_device(self, batch: dict) -> dict:
         non_blocking = self.device.type == "cuda"
-        return {
-            "crops": [crop.to(self.device, non_blocking=non_blocking) for crop in batch["crops"]],
-            "labels": batch["labels"],
-            "indices": batch["indices"],
-        }
+        moved = {"crops": [crop.to(self.device, non_blocking=non_blocking) for crop in batch["crops"]]}
+        for name, value in batch.items():  # masks and whatever else a method's collate adds; labels stay
+            if name not in moved:
+                moved[name] = value if name in ("labels", "indices") else value.to(self.device, non_blocking=non_blocking)
+        return moved
 
     def _forward_backward(self, batches, schedule: dict) -> tuple[torch.Tensor, dict]:
         accum = self.cfg.train.grad_accum_steps

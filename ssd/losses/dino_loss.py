@@ -14,12 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ssd.engine.distributed import all_reduce_sum
-
-
-def at_least_fp32(values: torch.Tensor) -> torch.Tensor:
-    """Softmax over 65k prototypes in bf16 loses too much; compute in fp32 (or fp64 when given)."""
-    return values.to(torch.promote_types(values.dtype, torch.float32))
+from ssd.losses.centering import CenterEMA, at_least_fp32, centered_softmax
 
 
 def dino_cross_entropy(
@@ -49,10 +44,10 @@ class DINOLoss(nn.Module):
         self.student_temp = student_temp
         self.center_momentum = center_momentum
         self.register_buffer("center", torch.zeros(1, out_dim))
-        self._pending: list | None = None  # [sum of teacher logits (1, K), count] since the last update
+        self._center_ema = CenterEMA(center_momentum)  # teacher logits collected since the last update
 
     def teacher_probs(self, teacher_logits: torch.Tensor, teacher_temp: float) -> torch.Tensor:
-        return F.softmax((at_least_fp32(teacher_logits) - self.center) / teacher_temp, dim=-1)
+        return centered_softmax(teacher_logits, self.center, teacher_temp)
 
     def forward(
         self,
@@ -68,26 +63,10 @@ class DINOLoss(nn.Module):
         loss = dino_cross_entropy(
             student_logits, probs, num_student_views, num_teacher_views, self.student_temp
         )
-        self._collect(teacher_logits)
+        self._center_ema.collect(teacher_logits)
         return loss, probs
 
     @torch.no_grad()
-    def _collect(self, teacher_logits: torch.Tensor) -> None:
-        batch_sum = teacher_logits.float().sum(dim=0, keepdim=True)  # (1, K); the center buffer is fp32
-        if self._pending is None:
-            self._pending = [batch_sum, teacher_logits.shape[0]]
-        else:
-            self._pending[0] += batch_sum
-            self._pending[1] += teacher_logits.shape[0]
-
-    @torch.no_grad()
     def update_center(self) -> None:
-        """EMA step of the center with the mean teacher logits collected since the last call."""
-        if self._pending is None:
-            return
-        batch_sum, count = self._pending
-        self._pending = None
-        # One all-reduce of [sum | count] keeps the ranks' centers identical.
-        packed = all_reduce_sum(torch.cat([batch_sum.flatten(), batch_sum.new_tensor([count])]))
-        batch_center = (packed[:-1] / packed[-1]).view_as(self.center)
-        self.center.mul_(self.center_momentum).add_(batch_center, alpha=1 - self.center_momentum)
+        """EMA step of the center with the mean teacher logits collected since the last call (collective)."""
+        self._center_ema.update(self.center)

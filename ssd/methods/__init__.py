@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from ssd.methods.dino import DINO
+from ssd.methods.ibot import MaskedDistillation
 
-METHODS = {"dino": DINO}
+METHODS = {"dino": DINO, "ibot": MaskedDistillation, "dinov2": MaskedDistillation}
 
 
 def build_method(cfg):
@@ -13,4 +14,4 @@ def build_method(cfg):
     return METHODS[cfg.method.name](cfg)
 
 
-__all__ = ["build_method", "METHODS", "DINO"]
+__all__ = ["build_method", "METHODS", "DINO", "MaskedDistillation"]

@@ -9,9 +9,12 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from ssd.data.seeded import collate_crops
+from ssd.engine.optim import parameter_groups
 from ssd.losses.dino_loss import DINOLoss
 from ssd.models.backbone import build_backbone
 from ssd.models.dino_head import DINOHead
+from ssd.models.layer_decay import lr_multipliers
 from ssd.models.multicrop import MultiCropEncoder
 from ssd.monitors import collapse_statistics
 from ssd.teachers import ema_update, frozen_copy, keep_eval
@@ -40,11 +43,21 @@ class DINO(nn.Module):
         # The teacher starts as an exact copy of the student (same random init), as in the paper.
         self.teacher = frozen_copy(self.student)
         self.loss = DINOLoss(cfg.head.out_dim, cfg.method.student_temp, cfg.method.center_momentum)
+        self.cfg_optim = cfg.optim
 
     def train(self, mode: bool = True) -> DINO:
         super().train(mode)
         keep_eval(self.teacher)
         return self
+
+    def make_collate(self, seed: int):
+        """How samples become a batch: plain stacking (DINO masks nothing)."""
+        return collate_crops
+
+    def param_groups(self) -> list[dict]:
+        depth = len(getattr(self.student.backbone, "blocks", ()))
+        optim = self.cfg_optim
+        return parameter_groups(self, lr_multipliers(depth, optim.layerwise_decay, optim.patch_embed_lr_mult))
 
     def last_layer_parameters(self) -> list[nn.Parameter]:
         """Parameters frozen during the first `optim.freeze_last_layer_epochs` epochs."""

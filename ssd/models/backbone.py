@@ -11,6 +11,7 @@ from typing import Any
 
 import timm
 import torch.nn as nn
+from timm.layers import DropPath
 from timm.models.vision_transformer import VisionTransformer
 
 from ssd.config import ConfigError
@@ -50,9 +51,22 @@ def build_backbone(model_cfg: Any) -> nn.Module:
             f"timm could not build '{model_cfg.arch}' with {kwargs}: {error}. Check model.timm_kwargs (replace "
             "it whole with model.timm_kwargs={} or model.timm_kwargs={key: value})"
         ) from error
+    if getattr(model_cfg, "drop_path_uniform", False) and model_cfg.drop_path_rate > 0:
+        _uniform_drop_path(model, float(model_cfg.drop_path_rate))
     if not hasattr(model, "num_features"):
         raise ConfigError(f"timm model '{model_cfg.arch}' has no num_features; it cannot be a backbone here")
     return model
+
+
+def _uniform_drop_path(model: nn.Module, rate: float) -> None:
+    """timm raises stochastic depth linearly from 0 in the first block; DINOv2 uses one rate for all blocks."""
+    blocks = getattr(model, "blocks", None)
+    if blocks is None:
+        raise ConfigError(f"model.drop_path_uniform=true needs a ViT with blocks; {type(model).__name__} has none")
+    for block in blocks:
+        for name in ("drop_path1", "drop_path2"):
+            if hasattr(block, name):
+                setattr(block, name, DropPath(rate))
 
 
 def embed_dim(backbone: nn.Module) -> int:

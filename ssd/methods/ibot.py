@@ -1,0 +1,163 @@
+"""Masked self-distillation: iBOT (Zhou et al. 2022) and DINOv2 (Oquab et al. 2023) on one engine.
+
+    class tokens:  DINO's loss between the teacher's global views and every student view (a view is never
+                   matched to itself); the student's global views are masked, as in both papers
+    patch tokens:  for each global view, the student sees it masked, the teacher unmasked; on the masked
+                   patches only, the student's patch distribution matches the teacher's (iBOT's L_MIM):
+                   per image the mean over its masked patches, then the mean over all (view, image) pairs
+    DINOv2 adds:   KoLeo on the student's class tokens (per global view), Sinkhorn-Knopp instead of the EMA
+                   centre (`method.centering=sinkhorn`), a separate patch head, registers, LayerScale,
+                   layer-wise lr decay, a smaller patch-embedding lr and square-root lr scaling (recipes).
+
+The two heads run on what they score only: the class head on class tokens, the patch head on masked patch
+tokens, gathered with the collator's masks (teacher and student gather the same positions). `dino` and
+`dinov2` differ only in configuration, so both names build this class.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from ssd.data.masking import MaskingCollator
+from ssd.engine.distributed import all_gather_with_grad
+from ssd.losses.dino_loss import DINOLoss, dino_cross_entropy
+from ssd.losses.ibot_patch_loss import IBOTPatchLoss, ibot_masked_cross_entropy, masked_token_weights
+from ssd.losses.koleo_loss import koleo_loss
+from ssd.losses.sinkhorn import sinkhorn_knopp
+from ssd.models.backbone import build_backbone, patch_size_of
+from ssd.models.dino_head import DINOHead
+from ssd.models.layer_decay import lr_multipliers
+from ssd.models.token_network import TokenNetwork
+from ssd.models.tokens import require_tokens
+from ssd.monitors import collapse_statistics
+from ssd.teachers import ema_update, frozen_copy, keep_eval
+
+NUM_GLOBAL_VIEWS = 2
+
+
+def build_head(cfg, in_dim: int, out_dim: int) -> DINOHead:
+    head = cfg.head
+    return DINOHead(in_dim, out_dim=out_dim, hidden_dim=head.hidden_dim, bottleneck_dim=head.bottleneck_dim,
+                    nlayers=head.nlayers, use_bn=head.use_bn, norm_last_layer=head.norm_last_layer)
+
+
+class MaskedDistillation(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        backbone = build_backbone(cfg.model)
+        require_tokens(backbone, cfg.method.name)
+        if cfg.model.pretrained:
+            from ssd.checkpoint_import import load_backbone_weights
+
+            load_backbone_weights(backbone, cfg.model.pretrained)
+        method = cfg.method
+        patch_dim = method.patch_out_dim or cfg.head.out_dim
+        if method.shared_head and patch_dim != cfg.head.out_dim:
+            raise ValueError(f"method.shared_head=true scores patches with the class head, so method.patch_out_dim "
+                             f"({patch_dim}) must be 0 or head.out_dim ({cfg.head.out_dim})")
+        head = build_head(cfg, backbone.num_features, cfg.head.out_dim)
+        patch_head = None if method.shared_head else build_head(cfg, backbone.num_features, patch_dim)
+        self.student = TokenNetwork(backbone, head, patch_head)
+        self.teacher = frozen_copy(self.student)  # same initial weights, as in the papers
+        self.dino_loss = DINOLoss(cfg.head.out_dim, method.student_temp, method.center_momentum)
+        self.patch_loss = IBOTPatchLoss(patch_dim, method.student_temp, method.center_momentum)
+        self.patch_size = patch_size_of(backbone)
+
+    # ---- engine contract -------------------------------------------------------------------------------
+    def train(self, mode: bool = True) -> MaskedDistillation:
+        super().train(mode)
+        keep_eval(self.teacher)
+        return self
+
+    def make_collate(self, seed: int) -> MaskingCollator:
+        method = self.cfg.method
+        grid = self.cfg.crops.global_size // self.patch_size
+        return MaskingCollator(grid, ratio_range=tuple(method.mask_ratio), probability=method.mask_probability,
+                               num_masked_views=NUM_GLOBAL_VIEWS, seed=seed, min_block=method.mask_min_block,
+                               spread_in_batch=method.mask_spread_in_batch)
+
+    def param_groups(self) -> list[dict]:
+        from ssd.engine.optim import parameter_groups
+
+        optim = self.cfg.optim
+        depth = len(self.student.backbone.blocks)
+        return parameter_groups(self, lr_multipliers(depth, optim.layerwise_decay, optim.patch_embed_lr_mult))
+
+    def last_layer_parameters(self) -> list[nn.Parameter]:
+        """Parameters frozen during the first `optim.freeze_last_layer_epochs` epochs (both heads)."""
+        heads = [self.student.head] + ([self.student.patch_head] if self.student.patch_head is not None else [])
+        return [p for head in heads for p in head.last_layer.parameters()]
+
+    def forward(self, batch: dict, schedule: dict) -> tuple[torch.Tensor, dict]:
+        crops = batch["crops"]  # V tensors (B, 3, H, W): the global crops first
+        masks = batch["masks"].flatten(0, 1)  # (2B, N), view-major like the concatenated global crops
+        global_images = torch.cat(crops[:NUM_GLOBAL_VIEWS])  # (2B, 3, H, W)
+        rows, columns = torch.nonzero(masks, as_tuple=True)  # the M masked (image, patch) positions
+        # Each masked patch weighs 1 / (masked patches of its image): a per-image mean, as iBOT defines it.
+        token_weights = masked_token_weights(masks)  # (M,)
+
+        with torch.no_grad():
+            teacher = self.teacher.encode(global_images)
+            teacher_cls_logits = self.teacher.head(teacher.cls)  # (2B, K)
+            teacher_patch_logits = self.teacher.score_patches(teacher.patches[rows, columns])  # (M, K_patch)
+
+        student = self.student.encode(global_images, masks)
+        student_cls = [student.cls]
+        if len(crops) > NUM_GLOBAL_VIEWS:
+            student_cls.append(self.student.encode(torch.cat(crops[NUM_GLOBAL_VIEWS:])).cls)
+        student_cls_logits = self.student.head(torch.cat(student_cls))  # (V * B, K)
+        student_patch_logits = self.student.score_patches(student.patches[rows, columns])  # (M, K_patch)
+
+        cls_loss, teacher_probs = self._class_loss(student_cls_logits, teacher_cls_logits, len(crops), schedule)
+        patch_loss = self._patch_loss(student_patch_logits, teacher_patch_logits, token_weights, len(masks),
+                                      schedule)
+        method = self.cfg.method
+        loss = cls_loss + method.patch_loss_weight * patch_loss
+        koleo = loss.new_zeros(())
+        if method.koleo_weight > 0:
+            # Nearest neighbours over the global batch, not each process's share: the same loss on any number of
+            # processes (every rank computes it whole; DDP's gradient average then counts it once).
+            koleo = sum(koleo_loss(all_gather_with_grad(view)) for view in student.cls.chunk(NUM_GLOBAL_VIEWS))
+            loss = loss + method.koleo_weight * koleo
+        # Keeps the mask token in the graph when no patch of this micro-batch is masked (DDP expects a gradient
+        # for every parameter on every rank).
+        loss = loss + 0.0 * self.student.mask_token.sum()
+        outputs = {"teacher_probs": teacher_probs.detach(), "teacher_features": teacher.cls.detach(),
+                   "loss_class": cls_loss.detach(), "loss_patch": patch_loss.detach(), "loss_koleo": koleo.detach(),
+                   "masked_share": masks.float().mean().detach()}
+        return loss, outputs
+
+    def _class_loss(self, student_logits, teacher_logits, num_views: int, schedule: dict):
+        if self.cfg.method.centering == "sinkhorn":
+            probs = sinkhorn_knopp(teacher_logits, schedule["teacher_temp"])
+            loss = dino_cross_entropy(student_logits, probs, num_views, NUM_GLOBAL_VIEWS, self.cfg.method.student_temp)
+            return loss, probs
+        return self.dino_loss(student_logits, teacher_logits, num_student_views=num_views,
+                              num_teacher_views=NUM_GLOBAL_VIEWS, teacher_temp=schedule["teacher_temp"])
+
+    def _patch_loss(self, student_logits, teacher_logits, token_weights, num_images: int, schedule: dict):
+        temp = schedule["patch_teacher_temp"]
+        if self.cfg.method.centering == "sinkhorn":
+            probs = sinkhorn_knopp(teacher_logits, temp)
+            return ibot_masked_cross_entropy(student_logits, probs, token_weights, num_images,
+                                             self.cfg.method.student_temp)
+        loss, _ = self.patch_loss(student_logits, teacher_logits, token_weights, num_images, temp)
+        return loss
+
+    def monitor(self, outputs: dict) -> dict:
+        stats = collapse_statistics(outputs["teacher_probs"], outputs["teacher_features"])
+        stats.update({name: float(outputs[name]) for name in ("loss_class", "loss_patch", "loss_koleo",
+                                                              "masked_share")})
+        return stats
+
+    @torch.no_grad()
+    def after_step(self, schedule: dict) -> None:
+        if self.cfg.method.centering == "ema":
+            self.dino_loss.update_center()
+            self.patch_loss.update_center()
+        ema_update(self.teacher, self.student, schedule["teacher_momentum"])
+
+    def teacher_backbone(self) -> nn.Module:
+        return self.teacher.backbone
