@@ -138,31 +138,52 @@ def test_sigusr2_to_torchrun_leaves_no_unsupervised_process(tmp_path, forwarded)
     assert not (tmp_path / "run" / "run.lock").exists()
 
 
-def test_soak_random_sigkill_and_sigterm_then_resume_is_bitwise_equal(tmp_path, reference):
-    """Random SIGKILLs and SIGTERMs to the process group at random moments (start-up, mid-step, mid-write,
-    during the final k-NN-free shutdown), each followed by a restart of the same command."""
+SOAK = ("train.epochs=25", "data.num_workers=2", "checkpoint.every_steps=2", "checkpoint.keep=2")  # 100 steps
+
+
+def logged_lines(run_dir: Path) -> int:
+    metrics = run_dir / "metrics.jsonl"
+    return len(metrics.read_text().splitlines()) if metrics.exists() else 0
+
+
+def test_soak_random_sigkill_and_sigterm_then_resume_is_bitwise_equal(tmp_path):
+    """SIGKILLs and SIGTERMs to the process group at random moments: a quarter during start-up, the rest after a
+    random amount of training plus a random delay (mid-step, mid-write: checkpoints come every 2 steps), each
+    followed by a restart of the same command. The first round is a SIGTERM during training, so the
+    save-and-exit path is always among them."""
+    run_training(tiny_overrides(tmp_path, "reference", *SOAK))
+    reference = final_weights(tmp_path / "reference")
     seed = int(os.environ.get("SSD_SOAK_SEED", "1234"))
     rounds = int(os.environ.get("SSD_SOAK_ROUNDS", "10"))
     rng = random.Random(seed)
-    # Checkpoints every 2 steps, so kills also land while a checkpoint is being written.
-    overrides = tiny_overrides(tmp_path, "soak", *WITH_WORKERS[:2], "checkpoint.every_steps=2", "checkpoint.keep=2")
-    history = []
-    for _ in range(rounds):
+    overrides = tiny_overrides(tmp_path, "soak", *SOAK)
+    run_dir, history = tmp_path / "soak", []
+    for round_number in range(rounds):
+        signum = signal.SIGTERM if round_number == 0 else rng.choice([signal.SIGKILL, signal.SIGTERM])
+        during_startup = round_number > 0 and rng.random() < 0.25
         process = start(overrides)
-        time.sleep(rng.uniform(1.0, 9.0))  # start-up takes ~3 s here: about a third land before training
-        signum = rng.choice([signal.SIGKILL, signal.SIGTERM])
+        if during_startup:
+            time.sleep(rng.uniform(0.0, 2.5))
+        else:
+            target = logged_lines(run_dir) + rng.randint(1, 6)  # the run logs every 2 steps
+            while logged_lines(run_dir) < target and process.poll() is None:
+                time.sleep(0.01)
+            time.sleep(rng.uniform(0.0, 0.5))
         if process.poll() is None:
             os.killpg(process.pid, signum)
         output, _ = process.communicate(timeout=120)
-        newest = ckpt.list_checkpoints(tmp_path / "soak")[-1:]
-        history.append((signum.name, process.returncode, ckpt.step_of(newest[0]) if newest else 0))
+        newest = ckpt.list_checkpoints(run_dir)[-1:]
+        history.append((signum.name, "start-up" if during_startup else "training", process.returncode,
+                        ckpt.step_of(newest[0]) if newest else 0))
         assert process.returncode in (0, EXIT_PREEMPTED, -signal.SIGKILL, -signal.SIGTERM), (history, output)
         assert "Traceback" not in output, (history, output)
         deadline = time.monotonic() + 30
-        while processes_running(str(tmp_path / "soak")) and time.monotonic() < deadline:
+        while processes_running(str(run_dir)) and time.monotonic() < deadline:
             time.sleep(0.1)  # SIGKILLed workers notice their parent is gone within a few seconds
-    assert any(code == EXIT_PREEMPTED for _, code, _ in history), (seed, history)  # some SIGTERMs hit training
-    assert any(code == -signal.SIGKILL and step > 0 for _, code, step in history), (seed, history)
+        assert not processes_running(str(run_dir)), history
+    assert history[0][2] == EXIT_PREEMPTED, history
+    assert any(code == -signal.SIGKILL and phase == "training" for _, phase, code, _ in history), (seed, history)
+    assert history[-1][3] < 100, ("the run finished before the last kill: make it longer", history)
     result = run_training(overrides)
-    assert "finished at step 40" in result.stderr, (seed, history)
-    assert_bitwise_equal(final_weights(tmp_path / "soak"), reference)
+    assert "finished at step 100" in result.stderr, (seed, history)
+    assert_bitwise_equal(final_weights(run_dir), reference)
