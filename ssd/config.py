@@ -71,6 +71,12 @@ class MethodConfig:
     # processes); true: DINOv2's rule, masking ratios spread evenly over each process's batch
     mask_spread_in_batch: bool = False
     koleo_weight: float = 0.0  # KoLeo on the student's class tokens (DINOv2: 0.1)
+    # Gram anchoring (DINOv3): the student's patch-feature Gram matrix regressed to a Gram teacher's, a snapshot
+    # of the EMA teacher taken at gram_start_step and refreshed every gram_refresh_steps. 0 disables it.
+    gram_weight: float = 0.0
+    gram_start_step: int = 0
+    gram_refresh_steps: int = 10000
+    gram_image_scale: float = 1.0  # > 1: the Gram teacher sees the global crops upsampled by this factor
 
 
 @dataclass
@@ -110,6 +116,7 @@ class OptimConfig:
     clip_grad: float = 3.0  # 0 disables clipping
     clip_mode: str = "per_param"  # per_param (official DINO) | global (clip_grad_norm_ over all parameters)
     freeze_last_layer_epochs: int = 1
+    schedule: str = "cosine"  # cosine (DINO, DINOv2) | constant after warmup (DINOv3): lr, wd, teacher momentum
     lr_scaling: str = "linear"  # linear: base_lr * batch / lr_reference_batch | sqrt: base_lr * sqrt(batch / ref)
     layerwise_decay: float = 1.0  # ViT block i of L gets lr x decay^(L - i) (DINOv2: 0.9; 1.0 disables)
     patch_embed_lr_mult: float = 1.0  # extra lr factor for the patch embedding (DINOv2: 0.2)
@@ -130,6 +137,9 @@ class TrainConfig:
     resume_from: str = ""  # a checkpoint file, or a step number of this run folder, to resume from instead
     overwrite: bool = False  # with resume=false: delete this run folder's checkpoints and logs, start at step 0
     allow_changes: bool = False  # resume even though optimisation/schedule keys changed (e.g. lower lr after NaN)
+    # Start a new run from another run's weights (student, teacher, heads, centres; not optimizer or step), e.g.
+    # DINOv3's high-resolution adaptation: a checkpoint file or run folder. Ignored when this run resumes.
+    init_from: str = ""
 
 
 @dataclass
@@ -182,7 +192,8 @@ class Config:
 
 
 CHOICES = {
-    "method.name": ("dino", "ibot", "dinov2"),
+    "method.name": ("dino", "ibot", "dinov2", "dinov3"),
+    "optim.schedule": ("cosine", "constant"),
     "method.centering": ("ema", "sinkhorn"),
     "optim.lr_scaling": ("linear", "sqrt"),
     "data.dataset": ("digits", "cifar10", "imagefolder", "folder"),
@@ -354,6 +365,8 @@ RANGES = [
     ("method.patch_loss_weight", 0, INF, False), ("method.patch_teacher_temp", 0, INF, True),
     ("method.warmup_patch_teacher_temp", 0, INF, True), ("method.mask_probability", 0, 1, False),
     ("method.mask_min_block", 1, INF, False), ("method.koleo_weight", 0, INF, False),
+    ("method.gram_weight", 0, INF, False), ("method.gram_start_step", 0, INF, False),
+    ("method.gram_refresh_steps", 1, INF, False), ("method.gram_image_scale", 1, INF, False),
     ("optim.layerwise_decay", 0, 1, True), ("optim.patch_embed_lr_mult", 0, INF, False),
     ("model.img_size", 1, INF, False), ("model.patch_size", 0, INF, False), ("model.drop_path_rate", 0, 1, False),
     ("model.num_registers", 0, INF, False), ("head.out_dim", 1, INF, False), ("head.hidden_dim", 1, INF, False),

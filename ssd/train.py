@@ -110,6 +110,8 @@ def run(cfg) -> dict:
         if plan.path is not None:
             trainer.resume(plan.path, plan.state)
             plan.state = None  # the loaded checkpoint can be a large share of host memory
+        elif cfg.train.init_from:
+            trainer.initialize_from(cfg.train.init_from)
         if dist_info.is_main:
             log.info("%d images, %d steps per epoch, %d steps in all, global batch %d on %d process(es)",
                      len(dataset), trainer.steps_per_epoch, trainer.schedule.total_steps, cfg.train.batch_size,

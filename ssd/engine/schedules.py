@@ -45,12 +45,21 @@ class TrainingSchedule:
     def __call__(self, step: int) -> dict:
         optim, method = self.cfg.optim, self.cfg.method
         spe = self.steps_per_epoch
+        warmup = optim.warmup_epochs * spe
+        if optim.schedule == "constant":
+            # DINOv3: after the lr warmup, lr, weight decay and teacher momentum stay at their start values, so a
+            # run can go on for as long as wanted (and be extended) without a schedule that depends on its end.
+            lr = linear_warmup_constant(step, warmup, 0.0, self.peak_lr)
+            weight_decay, momentum = optim.weight_decay, method.momentum_teacher
+        else:
+            lr = warmup_cosine(step, self.total_steps, warmup, self.peak_lr, optim.min_lr)
+            weight_decay = cosine(step, self.total_steps, optim.weight_decay, optim.weight_decay_end)
+            momentum = cosine(step, self.total_steps, method.momentum_teacher, method.momentum_teacher_end)
         return {
-            "lr": warmup_cosine(step, self.total_steps, optim.warmup_epochs * spe, self.peak_lr, optim.min_lr),
-            "weight_decay": cosine(step, self.total_steps, optim.weight_decay, optim.weight_decay_end),
-            "teacher_momentum": cosine(
-                step, self.total_steps, method.momentum_teacher, method.momentum_teacher_end
-            ),
+            "step": step,
+            "lr": lr,
+            "weight_decay": weight_decay,
+            "teacher_momentum": momentum,
             "teacher_temp": linear_warmup_constant(
                 step, method.warmup_teacher_temp_epochs * spe, method.warmup_teacher_temp, method.teacher_temp
             ),

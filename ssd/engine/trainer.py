@@ -174,6 +174,33 @@ class Trainer:
         if self.dist.is_main:
             log.info("resumed from %s at step %d", path, self.step)
 
+    def initialize_from(self, source: str) -> Path:
+        """Weights (student, teacher, heads, centres) from another run's checkpoint, for a new run at step 0."""
+        path = Path(source).expanduser()
+        if path.is_dir():
+            path = ckpt.newest_usable_checkpoint(path) or path
+        try:
+            state = ckpt.load_checkpoint(path)
+        except ckpt.CheckpointError as error:
+            raise ConfigError(f"train.init_from={source}: {error}") from None
+        try:
+            result = self.method.load_state_dict(state["method"], strict=False)
+        except RuntimeError as error:  # tensor shapes differ
+            detail = " ".join(str(error).split())[:300]
+            raise ConfigError(f"train.init_from={path} does not fit this model ({detail}); use a checkpoint of the "
+                              "same model and heads") from None
+        # A snapshot the source method did not have (DINOv3's Gram teacher, starting from a DINOv2 run) is
+        # taken from the loaded teacher; anything else missing or left over means another architecture.
+        missing = [key for key in result.missing_keys if not key.startswith("gram_teacher.")]
+        if missing or result.unexpected_keys:
+            raise ConfigError(f"train.init_from={path} does not fit this model: missing {missing[:5]}, unexpected "
+                              f"{result.unexpected_keys[:5]}; use a checkpoint of the same model and heads")
+        if result.missing_keys and hasattr(self.method, "refresh_gram_teacher"):
+            self.method.refresh_gram_teacher()
+        if self.dist.is_main:
+            log.info("initialised from %s (step %s of that run); this run starts at step 0", path, state.get("step"))
+        return path
+
     def _epoch_offset(self, step: int) -> int:
         """Samples this rank already consumed in the epoch that contains `step`."""
         return (step % self.steps_per_epoch) * self.micro_batch * self.cfg.train.grad_accum_steps

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from ssd.methods.dino import DINO
+from ssd.methods.dinov3 import DINOv3
 from ssd.methods.ibot import MaskedDistillation
 
-METHODS = {"dino": DINO, "ibot": MaskedDistillation, "dinov2": MaskedDistillation}
+METHODS = {"dino": DINO, "ibot": MaskedDistillation, "dinov2": MaskedDistillation, "dinov3": DINOv3}
 
 
 def build_method(cfg):
@@ -14,4 +15,4 @@ def build_method(cfg):
     return METHODS[cfg.method.name](cfg)
 
 
-__all__ = ["build_method", "METHODS", "DINO", "MaskedDistillation"]
+__all__ = ["build_method", "METHODS", "DINO", "MaskedDistillation", "DINOv3"]

@@ -91,6 +91,12 @@ class MaskedDistillation(nn.Module):
         return [p for head in heads for p in head.last_layer.parameters()]
 
     def forward(self, batch: dict, schedule: dict) -> tuple[torch.Tensor, dict]:
+        loss, outputs, _, _ = self.compute_losses(batch, schedule)
+        return loss, outputs
+
+    def compute_losses(self, batch: dict, schedule: dict):
+        """(loss, outputs, the student's tokens of the masked global crops, the global crops (2B, 3, H, W)):
+        what subclasses (DINOv3's Gram anchoring) build on."""
         crops = batch["crops"]  # V tensors (B, 3, H, W): the global crops first
         masks = batch["masks"].flatten(0, 1)  # (2B, N), view-major like the concatenated global crops
         global_images = torch.cat(crops[:NUM_GLOBAL_VIEWS])  # (2B, 3, H, W)
@@ -127,7 +133,7 @@ class MaskedDistillation(nn.Module):
         outputs = {"teacher_probs": teacher_probs.detach(), "teacher_features": teacher.cls.detach(),
                    "loss_class": cls_loss.detach(), "loss_patch": patch_loss.detach(), "loss_koleo": koleo.detach(),
                    "masked_share": masks.float().mean().detach()}
-        return loss, outputs
+        return loss, outputs, student, global_images
 
     def _class_loss(self, student_logits, teacher_logits, num_views: int, schedule: dict):
         if self.cfg.method.centering == "sinkhorn":
@@ -148,8 +154,8 @@ class MaskedDistillation(nn.Module):
 
     def monitor(self, outputs: dict) -> dict:
         stats = collapse_statistics(outputs["teacher_probs"], outputs["teacher_features"])
-        stats.update({name: float(outputs[name]) for name in ("loss_class", "loss_patch", "loss_koleo",
-                                                              "masked_share")})
+        stats.update({name: float(value) for name, value in outputs.items()
+                      if name.startswith("loss_") or name == "masked_share"})
         return stats
 
     @torch.no_grad()

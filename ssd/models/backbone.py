@@ -12,7 +12,6 @@ from typing import Any
 import timm
 import torch.nn as nn
 from timm.layers import DropPath
-from timm.models.vision_transformer import VisionTransformer
 
 from ssd.config import ConfigError
 
@@ -29,7 +28,9 @@ def timm_kwargs(model_cfg: Any) -> dict:
         if model_cfg.patch_size:
             kwargs["patch_size"] = int(model_cfg.patch_size)
         if model_cfg.num_registers:
-            kwargs["reg_tokens"] = int(model_cfg.num_registers)
+            # timm's VisionTransformer calls them reg_tokens, its Eva (the DINOv3 RoPE models) num_reg_tokens.
+            name = "num_reg_tokens" if "dinov3" in model_cfg.arch or model_cfg.arch.startswith("eva") else "reg_tokens"
+            kwargs[name] = int(model_cfg.num_registers)
     elif model_cfg.num_registers:
         raise ConfigError(f"model.num_registers needs a ViT; '{model_cfg.arch}' is not one: set it to 0")
     kwargs.update(dict(model_cfg.timm_kwargs or {}))
@@ -74,6 +75,6 @@ def embed_dim(backbone: nn.Module) -> int:
 
 
 def patch_size_of(backbone: nn.Module) -> int | None:
-    if isinstance(backbone, VisionTransformer):
-        return int(backbone.patch_embed.patch_size[0])
-    return None
+    """Patch size of a ViT (timm VisionTransformer or Eva, the DINOv3 RoPE models); None without patches."""
+    patch_embed = getattr(backbone, "patch_embed", None)
+    return int(patch_embed.patch_size[0]) if patch_embed is not None else None

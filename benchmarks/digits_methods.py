@@ -1,0 +1,60 @@
+"""Each method's digits recipe from the command line: steps, minutes and k-NN (k=20) of the trained teacher next
+to random init and raw pixels, as `python -m ssd.train --config <method>_digits_demo` prints them.
+
+    python benchmarks/digits_methods.py [--methods dino ibot dinov2] [--output-root /tmp/ssd-digits]
+
+Each run is a subprocess (the real command); the table goes to stdout as JSON lines and a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def run_method(method: str, root: Path, extra: list[str]) -> dict:
+    run_name = f"{method}-digits-{time.strftime('%Y%m%d-%H%M%S')}"
+    command = [sys.executable, "-m", "ssd.train", "--config", f"{method}_digits_demo", f"output.root={root}",
+               f"output.run_name={run_name}", "log.progress_bar=false", *extra]
+    started = time.perf_counter()
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    minutes = (time.perf_counter() - started) / 60
+    if result.returncode != 0:
+        raise SystemExit(f"{method} failed:\n{result.stderr[-3000:]}")
+    report = json.loads((root / run_name / "knn.json").read_text())
+    steps = [json.loads(line)["step"] for line in (root / run_name / "metrics.jsonl").read_text().splitlines()]
+    top1 = {name: values["k=20"]["top1"] for name, values in report.items() if isinstance(values, dict)
+            and "k=20" in values}
+    return {"method": method, "steps": steps[-1], "minutes": round(minutes, 2),
+            "knn_trained": top1["trained teacher"], "knn_random_init": top1["random init (same arch)"],
+            "knn_raw_pixels": top1["raw pixels"], "overrides": extra}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--methods", nargs="+", default=["dino", "ibot", "dinov2"])
+    parser.add_argument("--output-root", default="/tmp/ssd-digits-methods")
+    parser.add_argument("overrides", nargs="*", help="key=value for every run")
+    args = parser.parse_args()
+    print(f"# {time.strftime('%Y-%m-%d')}, {platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}")
+    rows = [run_method(method, Path(args.output_root), args.overrides) for method in args.methods]
+    for row in rows:
+        print(json.dumps(row))
+    print("\n| method | steps | minutes | k-NN trained | random init | raw pixels |\n|---|---|---|---|---|---|")
+    for row in rows:
+        print(f"| {row['method']} | {row['steps']} | {row['minutes']:.1f} | {row['knn_trained']:.2f}% | "
+              f"{row['knn_random_init']:.2f}% | {row['knn_raw_pixels']:.2f}% |")
+
+
+if __name__ == "__main__":
+    main()

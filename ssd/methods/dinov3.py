@@ -1,0 +1,77 @@
+"""DINOv3 (Siméoni et al. 2025): DINOv2's losses on a RoPE ViT, plus Gram anchoring.
+
+Gram anchoring keeps patch features local over long runs: the Gram matrix of the student's L2-normalised patch
+features (the masked global crops' tokens, as the other losses see them) is regressed to that of a Gram
+teacher, a frozen snapshot of the EMA teacher. The snapshot is taken at `method.gram_start_step` and refreshed
+every `method.gram_refresh_steps`; the loss (weight `method.gram_weight`) is active from the first snapshot on.
+With `method.gram_image_scale` > 1 the Gram teacher sees the global crops upsampled by that factor and its
+patch features are pooled back to the student's grid (DINOv3 takes higher-resolution teacher features; it
+re-crops the original image at the larger size, where this upsamples the student's crop).
+
+The snapshot is a module of the method, so it is checkpointed and a resumed run anchors to the same weights.
+Constant schedules after warmup (`optim.schedule=constant`) and the high-resolution adaptation stage
+(`train.init_from`) are configuration; see the dinov3_* recipes.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ssd.losses.gram_loss import gram_loss
+from ssd.methods.ibot import MaskedDistillation
+from ssd.models.tokens import encode
+from ssd.teachers import frozen_copy
+
+
+class DINOv3(MaskedDistillation):
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        # Parameters that never train: frozen_copy turns gradients off, so no optimizer group holds them.
+        self.gram_teacher = frozen_copy(self.teacher.backbone)
+
+    def train(self, mode: bool = True) -> DINOv3:
+        super().train(mode)
+        self.gram_teacher.eval()
+        return self
+
+    def forward(self, batch: dict, schedule: dict) -> tuple[torch.Tensor, dict]:
+        loss, outputs, student, global_images = self.compute_losses(batch, schedule)
+        method = self.cfg.method
+        gram = loss.new_zeros(())
+        if method.gram_weight > 0 and schedule["step"] >= method.gram_start_step:
+            gram = gram_loss(student.patches, self._gram_teacher_patches(global_images, student.patches.shape[1]))
+            loss = loss + method.gram_weight * gram
+        outputs["loss_gram"] = gram.detach()
+        return loss, outputs
+
+    @torch.no_grad()
+    def _gram_teacher_patches(self, images: torch.Tensor, num_patches: int) -> torch.Tensor:
+        scale = self.cfg.method.gram_image_scale
+        if scale == 1:
+            return encode(self.gram_teacher, images).patches  # (2B, N, D)
+        height, width = images.shape[-2:]
+        size = (round(height * scale / self.patch_size) * self.patch_size,
+                round(width * scale / self.patch_size) * self.patch_size)
+        patches = encode(self.gram_teacher, F.interpolate(images, size=size, mode="bicubic", align_corners=False)).patches
+        grid = (height // self.patch_size, width // self.patch_size)
+        large = (size[0] // self.patch_size, size[1] // self.patch_size)
+        features = patches.transpose(1, 2).reshape(len(images), -1, *large)  # (2B, D, h', w')
+        pooled = F.adaptive_avg_pool2d(features, grid)  # (2B, D, h, w): back to the student's grid
+        if grid[0] * grid[1] != num_patches:
+            raise ValueError(f"Gram teacher grid {grid} does not match {num_patches} student patches")
+        return pooled.flatten(2).transpose(1, 2)
+
+    @torch.no_grad()
+    def after_step(self, schedule: dict) -> None:
+        super().after_step(schedule)
+        method = self.cfg.method
+        next_step = schedule["step"] + 1
+        since_start = next_step - method.gram_start_step
+        if method.gram_weight > 0 and since_start >= 0 and since_start % method.gram_refresh_steps == 0:
+            self.refresh_gram_teacher()
+
+    @torch.no_grad()
+    def refresh_gram_teacher(self) -> None:
+        for target, source in zip(self.gram_teacher.state_dict().values(), self.teacher.backbone.state_dict().values()):
+            target.copy_(source)
