@@ -1,7 +1,7 @@
 """Backbone weights from any file ssd meets, loaded into ssd's (timm) backbone with strict key checking.
 
 Accepted: an ssd checkpoint or run folder, an ssd export (folder or ``.safetensors``), and the official
-DINO and DINOv2 layouts: released backbone weights, DINO's full ``checkpoint.pth`` (``teacher`` /
+DINO, iBOT and DINOv2 layouts: released backbone weights, DINO's full ``checkpoint.pth`` (``teacher`` /
 ``student`` with ``backbone.`` and DDP ``module.`` prefixes), DINOv2's ``teacher_checkpoint.pth`` and its
 training checkpoints (``model`` with ``teacher.backbone.`` keys, blocks in ``BlockChunk``s, registers,
 ``mask_token``, SwiGLU ``w12`` / ``w3``).
@@ -118,7 +118,7 @@ def convert_official_vit(state: dict[str, torch.Tensor], model: VisionTransforme
     """Official DINO / DINOv2 ViT keys and token layout -> the layout of the timm ``model``."""
     converted = {}
     for key, value in state.items():
-        if key == "mask_token":  # iBOT's masked-patch embedding; a plain timm ViT has no use for it
+        if key in ("mask_token", "masked_embed"):  # DINOv2's / iBOT's mask token: a plain timm ViT has no use for it
             continue
         key = re.sub(r"^blocks\.\d+\.(\d+)\.", r"blocks.\1.", key)  # BlockChunk: inner indices are global
         key = re.sub(r"\.mlp\.w12\.", ".mlp.fc1.", key)  # SwiGLU: timm's packed fc1 holds w12 as-is

@@ -98,6 +98,24 @@ def test_official_dino_checkpoint_layouts(tmp_path):
         assert all(torch.equal(model.state_dict()[k], v) for k, v in expected.state_dict().items()), (file, which)
 
 
+def test_official_ibot_checkpoint_layout(tmp_path):
+    """iBOT's checkpoint.pth: the student's backbone carries the mask token (`masked_embed`) and iBOT's head has a
+    second last layer for patches; the released backbone file is the teacher's state dict."""
+    teacher, student = backbone(0), backbone(1)
+    full = {
+        "student": {**{f"module.backbone.{k}": v for k, v in student.state_dict().items()},
+                    "module.backbone.masked_embed": torch.zeros(1, 192), "module.head.last_layer2.weight_g": torch.ones(4, 1)},
+        "teacher": {**{f"backbone.{k}": v for k, v in teacher.state_dict().items()},
+                    "head.last_layer.weight_g": torch.ones(4, 1)},
+        "epoch": 3, "args": argparse.Namespace(arch="vit_small", patch_size=16, out_dim=8192),
+    }
+    torch.save(full, tmp_path / "checkpoint.pth")
+    for which, expected in (("teacher", teacher), ("student", student)):
+        model = backbone(7)
+        load_backbone_weights(model, tmp_path / "checkpoint.pth", which)
+        assert all(torch.equal(model.state_dict()[k], v) for k, v in expected.state_dict().items()), which
+
+
 def official_dinov2_state(depth=2, dim=192, grid=4, patch=8, registers=2, seed=0) -> dict:
     """A state dict with DINOv2's key names and shapes (dinov2/models/vision_transformer.py), random values."""
     generator = torch.Generator().manual_seed(seed)

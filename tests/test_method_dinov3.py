@@ -4,7 +4,6 @@ resume across a snapshot refresh, and starting a run from another run's weights 
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
 
 import pytest
@@ -18,6 +17,7 @@ from tests.tiny import (
     assert_bitwise_equal,
     final_weights,
     run_training,
+    sigkill_once_saved,
     subprocess_env,
     tiny_overrides,
     train_command,
@@ -77,16 +77,10 @@ def test_dinov3_trains_with_gram_anchoring_and_resumes_bitwise_across_a_refresh(
     assert logged[0]["step"] == 2 and logged[0]["loss_gram"] == 0.0  # step index 1: before gram_start_step
     assert all(entry["loss_gram"] > 0 for entry in logged[1:])
     assert "gram_teacher.blocks.0.attn.qkv.weight" in reference
-
-    overrides = tiny_overrides(tmp_path, "killed", *long)
-    process = subprocess.Popen(train_command(overrides), cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True)
-    target = tmp_path / "killed" / "checkpoint_00000006.pt"  # after the snapshot of step 5, before that of 8
-    while not target.exists():
-        assert process.poll() is None, process.stdout.read()
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    run_training(overrides)
+    # Killed after checkpoint 6: after the snapshot of step 5, before that of step 8.
+    killed = tiny_overrides(tmp_path, "killed", *long)
+    sigkill_once_saved(killed, tmp_path / "killed", 6)
+    run_training(killed)
     assert_bitwise_equal(final_weights(tmp_path / "killed"), reference)
 
 

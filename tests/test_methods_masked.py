@@ -4,22 +4,12 @@ equal to 1, SIGKILL resume bitwise equal, logged loss terms, exports that timm l
 from __future__ import annotations
 
 import json
-import signal
-import subprocess
 
 import pytest
 import timm
 import torch
 
-from tests.tiny import (
-    REPO,
-    assert_bitwise_equal,
-    final_weights,
-    run_training,
-    subprocess_env,
-    tiny_overrides,
-    train_command,
-)
+from tests.tiny import assert_resume_after_sigkill_is_bitwise_equal, final_weights, run_training, tiny_overrides
 
 IBOT = ("method.name=ibot", "method.patch_loss_weight=1.0")
 # DINOv2's additions: Sinkhorn-Knopp for both heads (all-reduced), KoLeo over the global batch, a separate patch
@@ -57,20 +47,8 @@ def test_two_processes_match_one_process(tmp_path, method):
 @pytest.mark.slow
 @pytest.mark.parametrize("method", list(METHODS))
 def test_sigkill_then_resume_is_bitwise_equal(tmp_path, method):
-    long = (*METHODS[method], "train.epochs=6", "data.num_workers=1")
-    run_training(tiny_overrides(tmp_path, "uninterrupted", *long))
-    reference = final_weights(tmp_path / "uninterrupted")
-    overrides = tiny_overrides(tmp_path, "killed", *long)
-    process = subprocess.Popen(train_command(overrides), cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True)
-    target = tmp_path / "killed" / "checkpoint_00000006.pt"
-    while not target.exists():
-        assert process.poll() is None, process.stdout.read()
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    result = run_training(overrides)
-    assert "resumed from" in result.stderr
-    assert_bitwise_equal(final_weights(tmp_path / "killed"), reference)
+    assert_resume_after_sigkill_is_bitwise_equal(tmp_path, (*METHODS[method], "train.epochs=6", "data.num_workers=1"),
+                                                 kill_at_step=6)
 
 
 def test_export_of_a_masked_run_loads_in_timm(tmp_path):

@@ -75,3 +75,27 @@ def assert_bitwise_equal(first: dict, second: dict) -> None:
     assert first.keys() == second.keys()
     different = [name for name in first if not torch.equal(first[name], second[name])]
     assert not different, f"{len(different)} tensors differ, e.g. {different[:5]}"
+
+
+def sigkill_once_saved(overrides: list[str], run_dir: Path, step: int) -> None:
+    """Start the training command, SIGKILL it as soon as checkpoint `step` exists (mid-run), wait for it."""
+    import signal
+
+    process = subprocess.Popen(train_command(overrides), cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    target = run_dir / f"checkpoint_{step:08d}.pt"
+    while not target.exists():
+        assert process.poll() is None, f"training ended before {target.name}:\n{process.stdout.read()}"
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL
+
+
+def assert_resume_after_sigkill_is_bitwise_equal(root: Path, overrides: tuple[str, ...], kill_at_step: int) -> None:
+    """An uninterrupted run and one SIGKILLed after checkpoint `kill_at_step` then resumed end bitwise equal."""
+    run_training(tiny_overrides(root, "uninterrupted", *overrides))
+    killed = tiny_overrides(root, "killed", *overrides)
+    sigkill_once_saved(killed, root / "killed", kill_at_step)
+    result = run_training(killed)
+    assert "resumed from" in result.stderr
+    assert_bitwise_equal(final_weights(root / "killed"), final_weights(root / "uninterrupted"))
