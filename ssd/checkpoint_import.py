@@ -1,7 +1,7 @@
 """Backbone weights from any file ssd meets, loaded into ssd's (timm) backbone with strict key checking.
 
 Accepted: an ssd checkpoint or run folder, an ssd export (folder or ``.safetensors``), and the official
-DINO, iBOT and DINOv2 layouts: released backbone weights, DINO's full ``checkpoint.pth`` (``teacher`` /
+DINO, iBOT, DINOv2 and DINOv3 layouts: released backbone weights, DINO's full ``checkpoint.pth`` (``teacher`` /
 ``student`` with ``backbone.`` and DDP ``module.`` prefixes), DINOv2's ``teacher_checkpoint.pth`` and its
 training checkpoints (``model`` with ``teacher.backbone.`` keys, blocks in ``BlockChunk``s, registers,
 ``mask_token``, SwiGLU ``w12`` / ``w3``).
@@ -23,6 +23,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 from timm.layers import resample_abs_pos_embed
+from timm.models.eva import Eva
+from timm.models.eva import checkpoint_filter_fn as eva_checkpoint_filter_fn
 from timm.models.vision_transformer import VisionTransformer
 
 from ssd.file_kinds import PICKLE, SAFETENSORS, TORCH_ZIP, describe_file
@@ -178,6 +180,10 @@ def load_state_from_content(backbone: torch.nn.Module, content: dict, which: str
     state = select_backbone_state(content, which)
     if not is_native(content) and isinstance(backbone, VisionTransformer):
         state = convert_official_vit(state, backbone)
+    elif not is_native(content) and isinstance(backbone, Eva) and "storage_tokens" in state:
+        # Official DINOv3 (RoPE) weights: timm's own converter renames storage tokens to registers, LayerScale
+        # gammas, splits the qkv bias and drops the RoPE periods, which timm recomputes.
+        state = eva_checkpoint_filter_fn(state, backbone)
     load_state_strict(backbone, state, source)
 
 

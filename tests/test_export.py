@@ -201,3 +201,32 @@ def test_malicious_pickle_is_refused(tmp_path):
     with pytest.raises(WeightsError, match="refusing to load .*evil.pth.*arbitrary code"):
         load_backbone_weights(backbone(0), tmp_path / "evil.pth")
     assert not marker.exists()
+
+
+def test_official_dinov3_layout_loads_into_the_timm_rope_model(tmp_path):
+    """DINOv3's released layout, written here from a timm model by the inverse renaming: storage tokens,
+    LayerScale gammas, a qkv bias whose key part is masked, RoPE periods and the mask token."""
+    import timm
+
+    def rope_vit(seed):
+        torch.manual_seed(seed)
+        return timm.create_model("vit_small_patch16_dinov3", pretrained=False, num_classes=0, img_size=32,
+                                 patch_size=8, depth=2, embed_dim=64, num_heads=2, qkv_bias=True, global_pool="token")
+
+    source = rope_vit(0)
+    official = {}
+    for key, value in source.state_dict().items():
+        if key.endswith("q_bias"):
+            v_bias = source.state_dict()[key.replace("q_bias", "v_bias")]
+            official[key.replace("q_bias", "qkv.bias")] = torch.cat([value, torch.zeros_like(value), v_bias])
+            official[key.replace("q_bias", "qkv.bias_mask")] = torch.ones(3 * len(value))
+        elif not key.endswith("v_bias"):
+            official[key.replace("reg_token", "storage_tokens").replace("gamma_1", "ls1.gamma")
+                     .replace("gamma_2", "ls2.gamma")] = value
+    official["rope_embed.periods"] = torch.ones(8)
+    official["mask_token"] = torch.zeros(1, 64)
+    torch.save({"teacher": {f"backbone.{k}": v for k, v in official.items()}}, tmp_path / "dinov3_checkpoint.pth")
+    assert "storage_tokens" in official and "blocks.0.ls1.gamma" in official
+    model = rope_vit(1)
+    load_backbone_weights(model, tmp_path / "dinov3_checkpoint.pth", "teacher")
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in source.state_dict().items())
