@@ -1,9 +1,11 @@
-"""The training loop. It knows the engine's contract with a method and nothing about DINO itself:
+"""The training loop. It knows the engine's contract with a method and nothing about any method itself:
 
+    method.make_collate(seed)                    # how samples become a batch (masks for the masked methods)
+    method.param_groups()                        # optimizer groups with lr multipliers; frozen parts left out
     loss, outputs = method(batch, schedule)      # forward + loss (student, teacher, heads inside)
-    backward -> clip -> optimizer step
-    method.after_step(schedule)                  # teacher update
-    method.monitor(outputs)                      # collapse statistics, at log steps only
+    backward -> clip -> optimizer step           # method.last_layer_parameters() frozen early on
+    method.after_step(schedule)                  # teacher update, centres, snapshots
+    method.monitor(outputs)                      # loss terms and collapse statistics, at log steps only
 
 One step = `grad_accum_steps` micro-batches. Everything a resumed run needs is in the checkpoint, and every
 random draw is seeded from the step or the sample, so a resumed run is bitwise equal to an uninterrupted one.
