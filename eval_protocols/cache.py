@@ -20,9 +20,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from timm.models.vision_transformer import VisionTransformer
 
-from eval_protocols.features import extract
+from eval_protocols.features import extract, has_block_tokens
 from ssd.engine.distributed import barrier, rank_and_world
 
 log = logging.getLogger(__name__)
@@ -63,7 +62,7 @@ def cached_extract(cache_dir, description: dict, backbone, dataset, transform, k
     """``features.extract`` through the cache in ``cache_dir`` (None: no cache)."""
     if cache_dir is None:
         return extract(backbone, dataset, transform, kind, n_last_blocks, **extract_options)
-    if isinstance(backbone, VisionTransformer):
+    if has_block_tokens(backbone):
         kind, n_last_blocks = "tokens", max(n_last_blocks, CACHED_BLOCKS)
     description = {**description, "kind": kind, "n_last_blocks": n_last_blocks if kind == "tokens" else 0}
     path = cache_path(cache_dir, description)

@@ -23,6 +23,7 @@ import time
 import torch
 import torch.distributed as dist
 from PIL import Image
+from timm.models.eva import Eva
 from timm.models.vision_transformer import VisionTransformer
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
@@ -33,6 +34,12 @@ from ssd.data.seeded import check_bad_image_policy, skip_or_fail
 from ssd.engine.distributed import rank_and_world
 
 KINDS = ("pooled", "tokens")
+
+
+def has_block_tokens(backbone: torch.nn.Module) -> bool:
+    """ViTs whose blocks' tokens the linear protocol reads: timm VisionTransformer and Eva (the DINOv3 RoPE
+    models), which share `forward_intermediates`."""
+    return isinstance(backbone, (VisionTransformer, Eva))
 SKIP_HINT = "pass --on-bad-image skip"  # what the protocols' error says; training names its config key instead
 STAND_IN_SIZE = (8, 8)  # any size: the transform resizes it, and its features are never used
 
@@ -67,7 +74,7 @@ def backbone_outputs(backbone: torch.nn.Module, images: torch.Tensor, kind: str,
     """Features of one batch: ``{"pooled": (B, D)}``, plus ``cls`` / ``patch_mean`` for kind="tokens"."""
     if kind not in KINDS:
         raise ValueError(f"unknown feature kind {kind!r}; expected one of {KINDS}")
-    if kind == "pooled" or not isinstance(backbone, VisionTransformer):
+    if kind == "pooled" or not has_block_tokens(backbone):
         # Non-ViTs have no tokens: their pooled output is what both protocols use (as in DINO's ResNet eval).
         return {"pooled": backbone(images)}
     # One pass gives every block's output; norm=True applies the final LayerNorm to each, as DINO's

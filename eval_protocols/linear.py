@@ -23,12 +23,18 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from sklearn.model_selection import train_test_split
-from timm.models.vision_transformer import VisionTransformer
 from torch.utils.data import DataLoader
 from torchvision.transforms import v2
 
 from eval_protocols import common
-from eval_protocols.features import TransformedDataset, autocast_for, backbone_outputs, drop_unreadable, extract
+from eval_protocols.features import (
+    TransformedDataset,
+    autocast_for,
+    backbone_outputs,
+    drop_unreadable,
+    extract,
+    has_block_tokens,
+)
 from eval_protocols.linear_heads import (
     DEFAULT_LEARNING_RATES,
     LinearGrid,
@@ -213,7 +219,7 @@ def main(argv=None) -> dict:
     device = common.default_device(args.device)
     backbone, info = common.load_backbone(args)
     settings = make_grid(args.lrs, args.n_last_blocks, {"both": (False, True), "on": (True,), "off": (False,)}
-                         [args.avgpool], has_tokens=isinstance(backbone, VisionTransformer))
+                         [args.avgpool], has_tokens=has_block_tokens(backbone))
     n_blocks = max(s.n_last_blocks for s in settings)
     train_dataset = common.build_split(args, args.train_split)
     train_indices, val_indices = split_train_val(train_dataset.targets, args.val_fraction, args.seed)

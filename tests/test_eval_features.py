@@ -162,3 +162,21 @@ def test_cache_file_with_another_record_is_not_reused(tmp_path):
 def test_unknown_kind_is_refused():
     with pytest.raises(ValueError, match="unknown feature kind"):
         backbone_outputs(tiny_vit(), torch.randn(1, 3, 32, 32), "bogus")
+
+
+def test_rope_vit_gives_block_tokens_like_a_vit():
+    """DINOv3's RoPE models (timm Eva) feed the linear protocol the same way: CLS of the last blocks, patch mean."""
+    import timm
+
+    from eval_protocols.features import backbone_outputs
+
+    torch.manual_seed(0)
+    model = timm.create_model("vit_small_patch16_dinov3", pretrained=False, num_classes=0, img_size=32, patch_size=8,
+                              depth=3, embed_dim=64, num_heads=2, global_pool="token").eval()
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        outputs = backbone_outputs(model, images, "tokens", n_last_blocks=2)
+        sequence = model.forward_features(images)
+    assert outputs["cls"].shape == (2, 2, 64) and outputs["patch_mean"].shape == (2, 64)
+    torch.testing.assert_close(outputs["cls"][:, -1], sequence[:, 0])
+    torch.testing.assert_close(outputs["patch_mean"], sequence[:, model.num_prefix_tokens:].mean(dim=1))
