@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
 import types
 from pathlib import Path
 
@@ -131,11 +130,11 @@ def report_header(args: argparse.Namespace, info: dict, **sizes) -> dict:
 
 
 def write_json(path: str | Path, report: dict) -> None:
+    from ssd.files import write_text_atomic
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(json.dumps(report, indent=2) + "\n")
-    os.replace(temporary, path)
+    write_text_atomic(path, json.dumps(report, indent=2) + "\n")
 
 
 def default_device(device: str | None) -> torch.device:

@@ -224,15 +224,20 @@ def _check_known_keys(keys: list[str], where: str) -> None:
         raise ConfigError(f"unknown config key '{key}' in {where}: {hint}")
 
 
-def _flat_keys(container: dict, prefix: str = "") -> list[str]:
-    keys = []
-    for name, value in container.items():
+def flatten_config(values: dict, prefix: str = "") -> dict:
+    """{"a.b": leaf} for a nested plain dict; model.timm_kwargs stays one value (its keys are timm's)."""
+    flat = {}
+    for name, value in values.items():
         full = f"{prefix}{name}"
         if isinstance(value, dict) and value and not full.endswith("timm_kwargs"):
-            keys.extend(_flat_keys(value, full + "."))
+            flat.update(flatten_config(value, full + "."))
         else:
-            keys.append(full)
-    return keys
+            flat[full] = value
+    return flat
+
+
+def _flat_keys(container: dict) -> list[str]:
+    return list(flatten_config(container))
 
 
 def _merge(base: DictConfig, update: DictConfig, where: str) -> DictConfig:
@@ -430,7 +435,9 @@ def check_world_size(cfg: DictConfig, processes: int) -> None:
 
 
 def save_config(cfg: DictConfig, path: str | Path) -> None:
-    Path(path).write_text(OmegaConf.to_yaml(cfg))
+    from ssd.files import write_text_atomic
+
+    write_text_atomic(path, OmegaConf.to_yaml(cfg))
 
 
 def to_dict(cfg: DictConfig) -> dict:

@@ -33,6 +33,7 @@ from ssd.checkpoint_import import (
     read_weights,
 )
 from ssd.cli import run_command
+from ssd.files import write_text_atomic
 
 FORMAT_VERSION = 1
 
@@ -79,10 +80,7 @@ def write_export(backbone: torch.nn.Module, config: dict, out_dir: str | Path) -
     save_file(tensors, temporary, metadata={"format": "pt", "architecture": config["architecture"]})
     make_shareable(temporary)
     os.replace(temporary, out_dir / EXPORT_WEIGHTS)
-    temporary = out_dir / f".{EXPORT_CONFIG}.tmp"
-    temporary.write_text(json.dumps(config, indent=2) + "\n")
-    make_shareable(temporary)
-    os.replace(temporary, out_dir / EXPORT_CONFIG)
+    write_text_atomic(out_dir / EXPORT_CONFIG, json.dumps(config, indent=2) + "\n")
     return out_dir
 
 

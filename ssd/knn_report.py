@@ -17,6 +17,7 @@ import torch.nn as nn
 from eval_protocols.features import drop_unreadable, extract
 from eval_protocols.knn import knn_classify
 from ssd.data import build_dataset, eval_transform
+from ssd.files import write_text_atomic
 from ssd.models.backbone import build_backbone
 
 log = logging.getLogger("ssd")
@@ -56,7 +57,7 @@ def knn_report(cfg, teacher_backbone: nn.Module, run_dir: Path, device: torch.de
     accuracies = {name: _accuracies(name, model, train_set, test_set, transform, cfg, device, skipped)
                   for name, model in candidates.items()}
     report = {**accuracies, "skipped_images": skipped}
-    (Path(run_dir) / "knn.json").write_text(json.dumps(report, indent=2))
+    write_text_atomic(Path(run_dir) / "knn.json", json.dumps(report, indent=2))
     k = "k=20" if "k=20" in report["raw pixels"] else next(iter(report["raw pixels"]))
     test_size = len(test_set) - skipped["test"]
     print(f"\nk-NN top-1 accuracy on the held-out split ({test_size} images, {k}):")

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from ssd.config import save_config, to_dict
+from ssd.config import flatten_config, save_config, to_dict
 from ssd.engine import checkpoint as ckpt
 from ssd.engine.run_lock import RunLock, RunLockedError
 
@@ -66,19 +66,9 @@ def _matches(key: str, patterns) -> bool:
     return any(key == p or (p.endswith(".") and key.startswith(p)) for p in patterns)
 
 
-def _flatten(values: dict, prefix: str = "") -> dict:
-    flat = {}
-    for name, value in values.items():
-        if isinstance(value, dict) and value and not name.endswith("timm_kwargs"):
-            flat.update(_flatten(value, f"{prefix}{name}."))
-        else:
-            flat[f"{prefix}{name}"] = value
-    return flat
-
-
 def config_changes(old: dict, new: dict) -> dict[str, tuple]:
     """{key: (old value, new value)} for every leaf key that differs."""
-    old_flat, new_flat = _flatten(old), _flatten(new)
+    old_flat, new_flat = flatten_config(old), flatten_config(new)
     return {key: (old_flat.get(key), new_flat.get(key)) for key in sorted(set(old_flat) | set(new_flat))
             if old_flat.get(key) != new_flat.get(key)}
 
