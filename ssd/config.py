@@ -76,7 +76,6 @@ class MethodConfig:
     gram_weight: float = 0.0
     gram_start_step: int = 0
     gram_refresh_steps: int = 10000
-    gram_image_scale: float = 1.0  # > 1: the Gram teacher sees the global crops upsampled by this factor
 
 
 @dataclass
@@ -102,6 +101,9 @@ class CropsConfig:
     local_number: int = 8
     local_size: int = 96
     local_scale: list[float] = field(default_factory=lambda: [0.05, 0.4])
+    # DINOv3: the Gram teacher also gets each global crop (same box and flip, no colour changes) at this size,
+    # larger than global_size, and its patch features are pooled to the student's grid. 0: the student's crops.
+    gram_teacher_size: int = 0
 
 
 @dataclass
@@ -348,6 +350,9 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError("train.overwrite=true deletes the run folder's checkpoints: it needs train.resume=false "
                           "too, to say that starting over is meant")
     _check_patch_multiples(cfg)
+    if cfg.crops.gram_teacher_size and cfg.method.name != "dinov3":
+        raise ConfigError(f"crops.gram_teacher_size is for DINOv3's Gram teacher; method.name={cfg.method.name} has "
+                          "none: set it to 0")
     if cfg.data.dataset != "digits" and not cfg.data.root:
         raise ConfigError(f"data.dataset={cfg.data.dataset} needs data.root=/path/to/images")
 
@@ -371,7 +376,7 @@ RANGES = [
     ("method.warmup_patch_teacher_temp", 0, INF, True), ("method.mask_probability", 0, 1, False),
     ("method.mask_min_block", 1, INF, False), ("method.koleo_weight", 0, INF, False),
     ("method.gram_weight", 0, INF, False), ("method.gram_start_step", 0, INF, False),
-    ("method.gram_refresh_steps", 1, INF, False), ("method.gram_image_scale", 1, INF, False),
+    ("method.gram_refresh_steps", 1, INF, False), ("crops.gram_teacher_size", 0, INF, False),
     ("optim.layerwise_decay", 0, 1, True), ("optim.patch_embed_lr_mult", 0, INF, False),
     ("model.img_size", 1, INF, False), ("model.patch_size", 0, INF, False), ("model.drop_path_rate", 0, 1, False),
     ("model.num_registers", 0, INF, False), ("head.out_dim", 1, INF, False), ("head.hidden_dim", 1, INF, False),
@@ -411,6 +416,7 @@ def _check_patch_multiples(cfg: DictConfig) -> None:
     if not patch:
         return
     sizes = ["crops.global_size"] + (["crops.local_size"] if cfg.crops.local_number else [])
+    sizes += ["crops.gram_teacher_size"] if cfg.crops.gram_teacher_size else []
     sizes += ["eval.crop_size"] if cfg.eval.knn else []
     for key in sizes:
         size = OmegaConf.select(cfg, key)

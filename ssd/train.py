@@ -61,6 +61,7 @@ def build_transform(cfg) -> MultiCropAugmentation:
         local_scale=tuple(crops.local_scale),
         mean=tuple(cfg.data.mean),
         std=tuple(cfg.data.std),
+        gram_teacher_size=crops.gram_teacher_size,
     )
 
 

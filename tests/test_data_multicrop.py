@@ -215,3 +215,26 @@ def test_eval_transform_is_deterministic_resize_crop_normalise():
     assert tuple(eval_transform()(Image.new("RGB", (300, 200))).shape) == (3, 224, 224)
     mean_colour = Image.new("RGB", (50, 50), tuple(round(255 * m) for m in IMAGENET_MEAN))
     assert transform(mean_colour).abs().max() < 0.01
+
+
+def test_gram_teacher_crops_are_the_global_crops_at_a_larger_size():
+    """DINOv3's Gram teacher input: the same box and flip as each global crop, more pixels, no colour changes."""
+    import numpy as np
+
+    rows, columns = np.mgrid[0:120, 0:160]
+    pattern = ((rows // 20 + columns // 40) % 2 * 200 + columns // 4).astype(np.uint8)  # (120, 160) checks + ramp
+    image = Image.fromarray(np.stack([pattern] * 3, axis=-1))
+    augmentation = MultiCropAugmentation(global_size=32, local_number=2, local_size=16, mean=(0.5,) * 3,
+                                         std=(0.5,) * 3, gram_teacher_size=96)
+    assert augmentation.num_views == 6
+    correlations = []
+    for seed in range(12):
+        torch.manual_seed(seed)
+        crops = augmentation(image)
+        assert [tuple(c.shape[-2:]) for c in crops] == [(32, 32)] * 2 + [(16, 16)] * 2 + [(96, 96)] * 2
+        student, teacher = crops[0].mean(0), crops[4].mean(0)  # global view 1 (no solarize) and its teacher crop
+        small = torch.nn.functional.interpolate(teacher[None, None], size=(32, 32), mode="area")[0, 0]
+        correlations.append(torch.corrcoef(torch.stack([student.flatten(), small.flatten()]))[0, 1].item())
+        # No photometric change on the teacher crop: its grey levels stay those of the image.
+        assert torch.allclose(crops[4][0], crops[4][1]) and torch.allclose(crops[4][1], crops[4][2])
+    assert min(correlations) > 0.85 and sum(correlations) / len(correlations) > 0.9, correlations  # other boxes: ~0

@@ -27,6 +27,8 @@ from tests.tiny import REPO, subprocess_env, tiny_overrides, train_command
     ("data.num_workers=-1", "'data.num_workers' is -1"),
     ("checkpoint.max_abs_weight=0", "'checkpoint.max_abs_weight'"),
     ("train.overwrite=true", "train.overwrite=true deletes the run folder's checkpoints: it needs train.resume=false"),
+    ("crops.gram_teacher_size=64", "crops.gram_teacher_size is for DINOv3's Gram teacher; method.name=dino"),
+    ("method.mask_ratio=[0.5,0.2]", "'method.mask_ratio' is [0.5, 0.2]; it needs 0 <= min <= max < 1"),
 ])
 def test_nonsense_values_are_refused_naming_the_key(tmp_path, override, message):
     with pytest.raises(ConfigError) as error:

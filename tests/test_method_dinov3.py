@@ -27,7 +27,7 @@ ROPE = ("model.arch=vit_small_patch16_dinov3", "model.timm_kwargs={depth: 2, emb
         "global_pool: token}")
 DINOV3 = ("method.name=dinov3", *ROPE, "method.centering=sinkhorn", "method.shared_head=false",
           "method.patch_out_dim=48", "method.gram_weight=1.0", "method.gram_start_step=2",
-          "method.gram_refresh_steps=3", "method.gram_image_scale=2.0")
+          "method.gram_refresh_steps=3", "crops.gram_teacher_size=64")
 
 
 def test_gram_teacher_is_a_snapshot_taken_at_the_start_and_every_refresh(tmp_path):

@@ -9,6 +9,7 @@ student only). The three pipelines differ only in crop size/scale, blur probabil
     local       local_scale               0.5      0.0
 
 All views share: horizontal flip p=0.5, ColorJitter(0.4, 0.4, 0.2, 0.1) with p=0.8, grayscale p=0.2.
+With `gram_teacher_size` (DINOv3), each global crop also comes at that size, same box and flip, unaltered.
 The transforms draw from torch's global RNG; `SeededCropsDataset` seeds it per sample for reproducibility.
 """
 
@@ -18,7 +19,7 @@ from collections.abc import Sequence
 
 import torch
 from PIL import Image
-from torchvision.transforms import v2
+from torchvision.transforms import RandomResizedCrop, v2
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -43,19 +44,43 @@ def _normalize(mean: Sequence[float], std: Sequence[float]) -> list:
     return [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std), v2.ToPureTensor()]
 
 
-def _view_pipeline(
-    size: int, scale: tuple[float, float], blur_p: float, solarize_p: float, mean, std
-) -> v2.Compose:
+def _photometric(size: int, blur_p: float, solarize_p: float) -> list:
     steps = [
-        v2.RandomResizedCrop(size, scale=scale, interpolation=BICUBIC),
-        v2.RandomHorizontalFlip(p=0.5),
         v2.RandomApply([v2.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)], p=0.8),
         v2.RandomGrayscale(p=0.2),
         v2.RandomApply([v2.GaussianBlur(blur_kernel_size(size), sigma=BLUR_SIGMA)], p=blur_p),
     ]
     if solarize_p > 0:
         steps.append(v2.RandomSolarize(threshold=SOLARIZE_THRESHOLD, p=solarize_p))
-    return v2.Compose(steps + _normalize(mean, std))
+    return steps
+
+
+def _view_pipeline(
+    size: int, scale: tuple[float, float], blur_p: float, solarize_p: float, mean, std
+) -> v2.Compose:
+    geometry = [v2.RandomResizedCrop(size, scale=scale, interpolation=BICUBIC), v2.RandomHorizontalFlip(p=0.5)]
+    return v2.Compose(geometry + _photometric(size, blur_p, solarize_p) + _normalize(mean, std))
+
+
+class _ViewWithTeacherCrop:
+    """A global view and the same crop (box and flip) at `teacher_size` without photometric changes: the input
+    of DINOv3's Gram teacher, which sees the student's crop at a higher resolution (more pixels of the original
+    image, not an upsampled copy)."""
+
+    def __init__(self, size: int, teacher_size: int, scale, blur_p: float, solarize_p: float, mean, std):
+        self.size, self.teacher_size, self.scale = size, teacher_size, tuple(scale)
+        self.photometric = v2.Compose(_photometric(size, blur_p, solarize_p) + _normalize(mean, std))
+        self.plain = v2.Compose(_normalize(mean, std))
+
+    def __call__(self, image: Image.Image) -> tuple[torch.Tensor, torch.Tensor]:
+        top, left, height, width = RandomResizedCrop.get_params(image, self.scale, (3 / 4, 4 / 3))
+        flip = bool(torch.rand(1) < 0.5)
+        crops = []
+        for size in (self.size, self.teacher_size):
+            crop = v2.functional.resized_crop(image, top, left, height, width, [size, size], interpolation=BICUBIC,
+                                              antialias=True)
+            crops.append(v2.functional.horizontal_flip(crop) if flip else crop)
+        return self.photometric(crops[0]), self.plain(crops[1])
 
 
 class MultiCropAugmentation:
@@ -70,6 +95,7 @@ class MultiCropAugmentation:
         local_scale: tuple[float, float] = (0.05, 0.4),
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
+        gram_teacher_size: int = 0,
     ):
         if local_number < 0:
             raise ValueError(f"local_number must be >= 0, got {local_number}")
@@ -80,15 +106,26 @@ class MultiCropAugmentation:
         self.global_transform_1 = _view_pipeline(global_size, global_scale, 1.0, 0.0, mean, std)
         self.global_transform_2 = _view_pipeline(global_size, global_scale, 0.1, 0.2, mean, std)
         self.local_transform = _view_pipeline(local_size, local_scale, 0.5, 0.0, mean, std)
+        self.gram_teacher_size = gram_teacher_size
+        if gram_teacher_size:
+            self.global_transform_1 = _ViewWithTeacherCrop(global_size, gram_teacher_size, global_scale, 1.0, 0.0,
+                                                           mean, std)
+            self.global_transform_2 = _ViewWithTeacherCrop(global_size, gram_teacher_size, global_scale, 0.1, 0.2,
+                                                           mean, std)
 
     @property
     def num_views(self) -> int:
-        return 2 + self.local_number
+        return 2 + self.local_number + (2 if self.gram_teacher_size else 0)
 
     def __call__(self, image: Image.Image) -> list[torch.Tensor]:
-        crops = [self.global_transform_1(image), self.global_transform_2(image)]
-        crops.extend(self.local_transform(image) for _ in range(self.local_number))
-        return crops
+        """[global 1, global 2, locals...], then, with gram_teacher_size, the two global crops at that size."""
+        if not self.gram_teacher_size:
+            crops = [self.global_transform_1(image), self.global_transform_2(image)]
+            crops.extend(self.local_transform(image) for _ in range(self.local_number))
+            return crops
+        (global_1, teacher_1), (global_2, teacher_2) = self.global_transform_1(image), self.global_transform_2(image)
+        return [global_1, global_2, *(self.local_transform(image) for _ in range(self.local_number)),
+                teacher_1, teacher_2]
 
     def __repr__(self) -> str:
         return (

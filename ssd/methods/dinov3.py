@@ -4,9 +4,9 @@ Gram anchoring keeps patch features local over long runs: the Gram matrix of the
 features (the masked global crops' tokens, as the other losses see them) is regressed to that of a Gram
 teacher, a frozen snapshot of the EMA teacher. The snapshot is taken at `method.gram_start_step` and refreshed
 every `method.gram_refresh_steps`; the loss (weight `method.gram_weight`) is active from the first snapshot on.
-With `method.gram_image_scale` > 1 the Gram teacher sees the global crops upsampled by that factor and its
-patch features are pooled back to the student's grid (DINOv3 takes higher-resolution teacher features; it
-re-crops the original image at the larger size, where this upsamples the student's crop).
+With `crops.gram_teacher_size` the Gram teacher sees each global crop again at that larger size (same box and
+flip, no colour changes, cropped from the original image as DINOv3 does) and its patch features are pooled back
+to the student's grid.
 
 The snapshot is a module of the method, so it is checkpointed and a resumed run anchors to the same weights.
 Constant schedules after warmup (`optim.schedule=constant`) and the high-resolution adaptation stage
@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ssd.losses.gram_loss import gram_loss
-from ssd.methods.ibot import MaskedDistillation
+from ssd.methods.ibot import NUM_GLOBAL_VIEWS, MaskedDistillation
 from ssd.models.tokens import encode
 from ssd.teachers import frozen_copy
 
@@ -40,6 +40,8 @@ class DINOv3(MaskedDistillation):
         method = self.cfg.method
         gram = loss.new_zeros(())
         if method.gram_weight > 0 and schedule["step"] >= method.gram_start_step:
+            if self.cfg.crops.gram_teacher_size:  # the global crops again at the Gram teacher's size, last
+                global_images = torch.cat(batch["crops"][-NUM_GLOBAL_VIEWS:])
             gram = gram_loss(student.patches, self._gram_teacher_patches(global_images, student.patches.shape[1]))
             loss = loss + method.gram_weight * gram
         outputs["loss_gram"] = gram.detach()
@@ -47,20 +49,15 @@ class DINOv3(MaskedDistillation):
 
     @torch.no_grad()
     def _gram_teacher_patches(self, images: torch.Tensor, num_patches: int) -> torch.Tensor:
-        scale = self.cfg.method.gram_image_scale
-        if scale == 1:
-            return encode(self.gram_teacher, images).patches  # (2B, N, D)
-        height, width = images.shape[-2:]
-        size = (round(height * scale / self.patch_size) * self.patch_size,
-                round(width * scale / self.patch_size) * self.patch_size)
-        patches = encode(self.gram_teacher, F.interpolate(images, size=size, mode="bicubic", align_corners=False)).patches
-        grid = (height // self.patch_size, width // self.patch_size)
-        large = (size[0] // self.patch_size, size[1] // self.patch_size)
+        """(2B, N, D) Gram-teacher patch features on the student's grid; larger inputs are average-pooled to it
+        (DINOv3 resizes its high-resolution teacher features down to the student's)."""
+        patches = encode(self.gram_teacher, images).patches  # (2B, N', D)
+        if patches.shape[1] == num_patches:
+            return patches
+        grid = self.cfg.crops.global_size // self.patch_size
+        large = (images.shape[-2] // self.patch_size, images.shape[-1] // self.patch_size)
         features = patches.transpose(1, 2).reshape(len(images), -1, *large)  # (2B, D, h', w')
-        pooled = F.adaptive_avg_pool2d(features, grid)  # (2B, D, h, w): back to the student's grid
-        if grid[0] * grid[1] != num_patches:
-            raise ValueError(f"Gram teacher grid {grid} does not match {num_patches} student patches")
-        return pooled.flatten(2).transpose(1, 2)
+        return F.adaptive_avg_pool2d(features, grid).flatten(2).transpose(1, 2)
 
     @torch.no_grad()
     def after_step(self, schedule: dict) -> None:

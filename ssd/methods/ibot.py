@@ -111,12 +111,14 @@ class MaskedDistillation(nn.Module):
 
         student = self.student.encode(global_images, masks)
         student_cls = [student.cls]
-        if len(crops) > NUM_GLOBAL_VIEWS:
-            student_cls.append(self.student.encode(torch.cat(crops[NUM_GLOBAL_VIEWS:])).cls)
+        local_crops = crops[NUM_GLOBAL_VIEWS:NUM_GLOBAL_VIEWS + self.cfg.crops.local_number]  # extra crops follow
+        if local_crops:
+            student_cls.append(self.student.encode(torch.cat(local_crops)).cls)
         student_cls_logits = self.student.head(torch.cat(student_cls))  # (V * B, K)
         student_patch_logits = self.student.score_patches(student.patches[rows, columns])  # (M, K_patch)
 
-        cls_loss, teacher_probs = self._class_loss(student_cls_logits, teacher_cls_logits, len(crops), schedule)
+        num_views = NUM_GLOBAL_VIEWS + len(local_crops)
+        cls_loss, teacher_probs = self._class_loss(student_cls_logits, teacher_cls_logits, num_views, schedule)
         patch_loss = self._patch_loss(student_patch_logits, teacher_patch_logits, token_weights, len(masks),
                                       schedule)
         method = self.cfg.method
