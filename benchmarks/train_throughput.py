@@ -1,8 +1,10 @@
-"""Training throughput of DINO ViT-S/16 with 2 x 224 + 8 x 96 crops: the full step (teacher forward, student
-forward/backward, clipping, AdamW, EMA update, center update) through ssd's own engine.
+"""Training throughput of any recipe (default: DINO ViT-S/16 with 2 x 224 + 8 x 96 crops): the full step (teacher
+forward, student forward/backward, clipping, AdamW, EMA update, centres) through ssd's own engine.
 
     python benchmarks/train_throughput.py --batch-size 64            # per process; GPU: bf16 autocast
     python benchmarks/train_throughput.py --batch-size 8 --device cpu --steps 3
+    for recipe in ibot_vit_small16_imagenet dinov2_vit_large14_imagenet dinov3_vit_large16_imagenet; do
+        python benchmarks/train_throughput.py --recipe $recipe --batch-size 32; done
 
 Input crops are random tensors already on the device, so the number is the model/engine step, not the data
 pipeline. On a GPU it also prints peak memory and model FLOP utilisation (MFU).
@@ -61,6 +63,7 @@ def peak_flops(device: torch.device) -> float | None:
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--recipe", default="dino_vit_small16_imagenet", help="any recipe in ssd/configs")
     parser.add_argument("--batch-size", type=int, default=64, help="images per process per step")
     parser.add_argument("--steps", type=int, default=20, help="timed steps")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
@@ -70,7 +73,7 @@ def main(argv=None) -> dict:
     parser.add_argument("overrides", nargs="*", help="extra config overrides (key=value)")
     args = parser.parse_args(argv)
 
-    cfg = load_config("dino_vit_small16_imagenet", [
+    cfg = load_config(args.recipe, [
         "data.root=unused", f"train.batch_size={args.batch_size}", f"train.device={args.device}",
         f"train.precision={args.precision}", f"train.compile={str(args.compile).lower()}", "data.num_workers=0",
         *args.overrides])
@@ -79,9 +82,12 @@ def main(argv=None) -> dict:
     trainer = Trainer(cfg, build_method(cfg), _Unused(), transform=None,
                       dist_info=DistInfo(device=device), run_dir=Path("/tmp/ssd-benchmark"))
     crops = cfg.crops
-    sizes = [crops.global_size] * 2 + [crops.local_size] * crops.local_number
-    batch = {"crops": [torch.randn(args.batch_size, 3, s, s, device=device) for s in sizes],
-             "labels": torch.zeros(args.batch_size, dtype=torch.long), "indices": torch.arange(args.batch_size)}
+    sizes = [crops.global_size] * 2 + [crops.local_size] * crops.local_number + [crops.gram_teacher_size] * (
+        2 if crops.gram_teacher_size else 0)
+    # Through the method's own collate, so masked methods get their masks (drawn as in training).
+    samples = [{"crops": [torch.randn(3, size, size) for size in sizes], "label": 0, "index": index, "epoch": 0}
+               for index in range(args.batch_size)]
+    batch = trainer._to_device(trainer.method.make_collate(cfg.train.seed)(samples))
 
     def batches():
         while True:
@@ -109,7 +115,8 @@ def main(argv=None) -> dict:
     result = {
         "date": time.strftime("%Y-%m-%d"),
         "machine": machine(),
-        "settings": f"DINO ViT-S/16, 2x{crops.global_size} + {crops.local_number}x{crops.local_size} crops, "
+        "settings": f"{args.recipe} ({cfg.method.name}, {cfg.model.arch}), 2x{crops.global_size} + "
+                    f"{crops.local_number}x{crops.local_size} crops, "
                     f"batch {args.batch_size}/process, precision {cfg.train.precision} "
                     f"({trainer.amp_dtype or torch.float32}), compile {args.compile}",
         "images_per_second": args.batch_size / seconds,
