@@ -217,6 +217,14 @@ def test_resume_from_a_chosen_checkpoint_sets_newer_ones_aside(tmp_path):
     assert "resume_from: ''" in (tmp_path / "run" / "config.yaml").read_text()
 
 
+def test_a_refused_resume_from_moves_no_checkpoint(tmp_path):
+    overrides = tiny_overrides(tmp_path, "run", "train.max_steps=9")
+    run_training(overrides)
+    before = folder_snapshot(tmp_path / "run")
+    assert_refused(train([*overrides, "train.resume_from=3", "head.out_dim=32"]), "head.out_dim: 64 -> 32")
+    assert folder_snapshot(tmp_path / "run") == before and not (tmp_path / "run" / "superseded").exists()
+
+
 def test_failed_starts_leave_no_run_folder(tmp_path):
     for extra in (["data.dataset=imagefolder", f"data.root={tmp_path / 'missing'}"], ["model.arch=vit_nope"],
                   ["train.batch_size=64"]):

@@ -55,6 +55,8 @@ class ResumePlan:
     state: dict | None = field(default=None, repr=False)
     lock: RunLock | None = None
     created: bool = False
+    # Checkpoints to move to superseded/ once every check has passed: (files, why).
+    set_aside: list[tuple[list[Path], str]] = field(default_factory=list)
 
     def release(self) -> None:
         if self.lock is not None:
@@ -155,17 +157,18 @@ def _load(path: Path) -> dict:
         raise RunFolderError(str(error)) from None
 
 
-def choose_checkpoint(run_dir: Path, cfg) -> tuple[Path | None, dict | None]:
-    """The checkpoint this start resumes from, after the refusals the issue of lost work calls for."""
+def choose_checkpoint(run_dir: Path, cfg, plan: ResumePlan) -> None:
+    """Set `plan.path` / `plan.state` to the checkpoint this start resumes from (None: step 0), or refuse; files
+    the run would overwrite later are listed in `plan.set_aside`, not moved yet."""
     checkpoints = ckpt.list_checkpoints(run_dir)
     if cfg.train.resume_from:
-        path = _resolve_resume_from(run_dir, str(cfg.train.resume_from))
-        state = _load(path)
-        newer = [p for p in checkpoints if ckpt.step_of(p) > int(state["step"])]
-        _set_aside(run_dir, newer, f"resuming from {path.name}, an earlier step")
-        return path, state
+        plan.path = _resolve_resume_from(run_dir, str(cfg.train.resume_from))
+        plan.state = _load(plan.path)
+        newer = [p for p in checkpoints if ckpt.step_of(p) > int(plan.state["step"])]
+        plan.set_aside.append((newer, f"resuming from {plan.path.name}, an earlier step"))
+        return
     if not checkpoints:
-        return None, None
+        return
     if not cfg.train.resume:
         _refuse_start_over(run_dir, checkpoints)
     unreadable = []
@@ -185,8 +188,9 @@ def choose_checkpoint(run_dir: Path, cfg) -> tuple[Path | None, dict | None]:
                 f"the newest checkpoint {path.name} holds weights up to {health.get('max_abs_weight', '?'):.3g} "
                 f"(a run that was blowing up); resuming it would diverge again. {advice}"
             )
-        _set_aside(run_dir, [p for p, _ in unreadable], "unreadable; the run resumes from an older checkpoint")
-        return path, state
+        plan.set_aside.append(([p for p, _ in unreadable], "unreadable; the run resumes from an older checkpoint"))
+        plan.path, plan.state = path, state
+        return
     reasons = "\n".join(f"  {reason}" for _, reason in unreadable)
     raise RunFolderError(
         f"run folder {run_dir} has {len(checkpoints)} checkpoint file(s) and none is readable:\n{reasons}\n"
@@ -265,7 +269,7 @@ def open_run_folder(cfg, run_dir: Path, steps_per_epoch: int, dataset_size: int)
         ckpt.remove_stale_temporaries(run_dir)
         if cfg.train.overwrite:
             _start_over(run_dir)
-        plan.path, plan.state = choose_checkpoint(run_dir, cfg)
+        choose_checkpoint(run_dir, cfg, plan)
         if plan.state is not None:
             step = int(plan.state["step"])
             record_changes(run_dir, _changes_against_run(cfg, run_dir, plan.state, steps_per_epoch, step), step)
@@ -274,6 +278,8 @@ def open_run_folder(cfg, run_dir: Path, steps_per_epoch: int, dataset_size: int)
                 log.warning("the data set now has %d images; checkpoint %s was written with %d. The data order "
                             "from here on differs from the original run's (the resume is not exact)",
                             dataset_size, plan.path.name, recorded)
+        for paths, why in plan.set_aside:  # only now: a refused start changes no file
+            _set_aside(run_dir, paths, why)
         save_config(saved_form(cfg), run_dir / "config.yaml")
     except RunLockedError as error:
         _undo_start(plan, run_dir)
