@@ -40,8 +40,10 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--data-root", default="", help="data set folder (with train/ and test/ or val/)")
     group.add_argument("--train-split", default="train")
     group.add_argument("--test-split", default="test", help="e.g. val for ImageNet")
-    group.add_argument("--resize", type=int, default=256, help="shorter side before the centre crop")
-    group.add_argument("--crop", type=int, default=224, help="centre crop size (e.g. --resize 32 --crop 32 on CIFAR)")
+    group.add_argument("--resize", type=int, default=None,
+                       help="shorter side before the centre crop (default: what the weights record, else 256)")
+    group.add_argument("--crop", type=int, default=None,
+                       help="centre crop size (default: what the weights record, else 224)")
     group.add_argument("--batch-size", type=int, default=128, help="images per process per step")
     group.add_argument("--num-workers", type=int, default=4)
     group.add_argument("--cache-dir", default=None,
@@ -72,7 +74,26 @@ def load_backbone(args: argparse.Namespace):
     if args.arch:
         official = {"arch": args.arch, "img_size": args.img_size, "patch_size": args.patch_size,
                     "num_registers": args.num_registers, "timm_kwargs": args.timm_kwargs, "drop_path_rate": 0.0}
-    return load_backbone_for_eval(args.weights, args.which, official)
+    backbone, info = load_backbone_for_eval(args.weights, args.which, official)
+    if hasattr(args, "resize"):
+        resolve_sizes(args, info)
+    return backbone, info
+
+
+DEFAULT_RESIZE, DEFAULT_CROP = 256, 224
+
+
+def resolve_sizes(args: argparse.Namespace, info: dict) -> None:
+    """Input sizes the user did not give come from the weights (a run's eval.resize_size / crop_size, an export's
+    input size and crop fraction): a 32 px model is evaluated at 32 px, not silently at 224. Says what it uses."""
+    recorded = info.get("crop") is not None
+    args.resize = args.resize or info.get("resize") or DEFAULT_RESIZE
+    args.crop = args.crop or info.get("crop") or DEFAULT_CROP
+    step = f", step {info['step']}" if info.get("step") is not None else ""
+    source = "as the weights record" if recorded else "defaults: the weights record no size"
+    if is_main_process():
+        print(f"evaluating the {args.which} of {info['file']}{step} ({info['model']['arch']}) at resize "
+              f"{args.resize} / crop {args.crop} ({source}), mean {list(info['mean'])}, std {list(info['std'])}")
 
 
 def build_split(args: argparse.Namespace, split: str):

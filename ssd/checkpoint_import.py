@@ -213,15 +213,20 @@ def model_info(path: Path, content: dict) -> dict | None:
     if content.get("format") != "ssd.checkpoint":
         return None
     config = content["config"]
-    return {"model": dict(config["model"]), "mean": list(config["data"]["mean"]), "std": list(config["data"]["std"])}
+    evaluation = config.get("eval", {})
+    return {"model": dict(config["model"]), "mean": list(config["data"]["mean"]), "std": list(config["data"]["std"]),
+            "resize": evaluation.get("resize_size"), "crop": evaluation.get("crop_size"), "step": content.get("step")}
 
 
 def read_export_config(config_file: Path) -> dict:
     """The model config, mean and std in an export's config.json; a broken file is named with its error."""
     try:
         config = json.loads(config_file.read_bytes())
-        return {"model": config["ssd"]["model"], "mean": config["pretrained_cfg"]["mean"],
-                "std": config["pretrained_cfg"]["std"]}
+        pretrained = config["pretrained_cfg"]
+        crop = int(pretrained["input_size"][-1])
+        return {"model": config["ssd"]["model"], "mean": pretrained["mean"], "std": pretrained["std"],
+                "crop": crop, "resize": round(crop / float(pretrained.get("crop_pct", 1.0))),
+                "step": config["ssd"].get("step")}
     except json.JSONDecodeError as error:
         problem = f"is not valid JSON ({error.msg} at line {error.lineno}, column {error.colno})"
     except ValueError as error:  # bytes that are not text at all

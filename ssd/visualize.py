@@ -127,7 +127,8 @@ def main(argv=None) -> list[Path]:
     parser.add_argument("images", nargs="+", help="image files")
     parser.add_argument("--out", default="visuals", help="output folder for attention.png and pca.png")
     parser.add_argument("--which", choices=("teacher", "student"), default="teacher")
-    parser.add_argument("--size", type=int, default=224, help="images are resized and centre-cropped to this")
+    parser.add_argument("--size", type=int, default=None,
+                        help="images are resized and centre-cropped to this (default: the weights' eval crop, else 224)")
     parser.add_argument("--arch", default=None, help="timm architecture, for official weights only")
     parser.add_argument("--img-size", type=int, default=224)
     parser.add_argument("--patch-size", type=int, default=0)
@@ -138,6 +139,7 @@ def main(argv=None) -> list[Path]:
 
     official = {"arch": args.arch, "img_size": args.img_size, "patch_size": args.patch_size} if args.arch else None
     backbone, info = load_backbone_for_eval(args.weights, args.which, official)
+    args.size = args.size or info.get("crop") or 224
     transform = eval_transform(args.size, args.size, info["mean"], info["std"])
     images = torch.stack([transform(load_rgb(path)) for path in args.images])
     out = Path(args.out)
