@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 
 try:  # FAISS is a listed dependency, but the torch path keeps k-NN usable where its wheel is missing.
+    # faiss's loader logs at INFO which CPU builds it tried (and failed) to load: noise in every command's output.
+    logging.getLogger("faiss").setLevel(logging.WARNING)
     import faiss
 except ImportError:  # pragma: no cover - exercised only on machines without faiss
     faiss = None

@@ -117,6 +117,7 @@ def run(cfg) -> dict:
             log.info("%d images, %d steps per epoch, %d steps in all, global batch %d on %d process(es)",
                      len(dataset), trainer.steps_per_epoch, trainer.schedule.total_steps, cfg.train.batch_size,
                      dist_info.world_size)
+            log.info(trainer.schedule.describe())
         training = True
         result = trainer.fit()
         if result["status"] == "finished" and cfg.eval.knn:

@@ -39,6 +39,18 @@ class TrainingSchedule:
         self.peak_lr = cfg.optim.base_lr * (math.sqrt(ratio) if cfg.optim.lr_scaling == "sqrt" else ratio)
         self.cfg = cfg
 
+    def describe(self) -> str:
+        """One line saying which schedule the run follows (a short train.max_steps compresses all of it)."""
+        optim, spe = self.cfg.optim, self.steps_per_epoch
+        length = (f"train.max_steps={self.cfg.train.max_steps} (the whole schedule is fitted into these steps)"
+                  if self.cfg.train.max_steps else f"train.epochs={self.cfg.train.epochs} x {spe} steps")
+        shape = ("then constant" if optim.schedule == "constant"
+                 else f"then cosine to {optim.min_lr:g} at step {self.total_steps}")
+        warmup = optim.warmup_epochs * spe
+        cut = f" (optim.warmup_epochs asks for {warmup}: cut to the run)" if warmup > self.total_steps else ""
+        return (f"schedule: {self.total_steps} steps from {length}; lr warmup over {min(warmup, self.total_steps)} "
+                f"steps{cut} to {self.peak_lr:.3g}, {shape}")
+
     def epoch_of(self, step: int) -> int:
         return step // self.steps_per_epoch
 

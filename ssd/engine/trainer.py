@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -53,6 +54,11 @@ def steps_per_epoch(cfg, dataset_size: int, world_size: int) -> int:
             f"{max(dataset_size // world_size * world_size, world_size)}"
         )
     return steps
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -107,6 +113,7 @@ class Trainer:
         self.last_checkpoint: Path | None = None
         self.last_usable_checkpoint: Path | None = None
         self.collapse_counts: dict[str, int] = {}
+        self.show_bar = False
 
     # ---- checkpoints -------------------------------------------------------------------------------------
     def save(self) -> Path | None:
@@ -273,7 +280,9 @@ class Trainer:
         cfg = self.cfg
         total_steps = self.schedule.total_steps
         writer = MetricsWriter(self.run_dir, self.dist.is_main, cfg.log.tensorboard)
-        bar = ProgressBar(self.dist.is_main and cfg.log.progress_bar, total_steps, self.step)
+        # A bar only on a terminal; in a log file (SLURM, nohup) one plain line per log step instead.
+        self.show_bar = self.dist.is_main and cfg.log.progress_bar and sys.stderr.isatty()
+        bar = ProgressBar(self.show_bar, total_steps, self.step)
         handlers = signals.install_handlers()
         status = "finished"
         try:
@@ -323,6 +332,10 @@ class Trainer:
             **{k: v for k, v in stats.items() if k != "log_num_prototypes"},
         }
         writer.write(self.step, values)
+        if self.dist.is_main and not self.show_bar:
+            remaining = (self.schedule.total_steps - self.step) * self.cfg.train.batch_size / max(images_per_second, 1e-9)
+            log.info("step %d/%d  loss %.4f  %.1f images/s  ETA %s", self.step, self.schedule.total_steps, loss,
+                     images_per_second, _duration(remaining))
         kind = collapse_kind(stats)
         for name in ("uniform", "one-hot"):
             self.collapse_counts[name] = self.collapse_counts.get(name, 0) + 1 if kind == name else 0

@@ -1,0 +1,19 @@
+"""What a person reads in a log file (SLURM, nohup): no progress bar, one plain line per log step with step,
+loss, images/s and ETA, and a line saying which schedule the run follows."""
+
+from __future__ import annotations
+
+import re
+
+from tests.tiny import run_training, tiny_overrides
+
+
+def test_log_file_gets_plain_lines_and_the_schedule(tmp_path):
+    result = run_training(tiny_overrides(tmp_path, "run", "train.max_steps=4", "log.progress_bar=true"))
+    lines = re.findall(r"step (\d+)/4  loss [\d.]+  [\d.]+ images/s  ETA \d+:\d\d:\d\d", result.stderr)
+    assert lines == ["2", "4"], result.stderr
+    assert "it/s" not in result.stderr and "step/s" not in result.stderr  # no tqdm bar in a pipe
+    assert "schedule: 4 steps from train.max_steps=4 (the whole schedule is fitted into these steps)" in result.stderr
+    assert "lr warmup over 4 steps to" in result.stderr
+    cut = run_training(tiny_overrides(tmp_path, "short", "train.max_steps=3", "log.progress_bar=false"))
+    assert "lr warmup over 3 steps (optim.warmup_epochs asks for 4: cut to the run)" in cut.stderr
