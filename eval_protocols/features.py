@@ -18,6 +18,7 @@ BadImageWarning naming it): its row is marked in a ``readable`` mask that comes 
 from __future__ import annotations
 
 import math
+import sys
 import time
 
 import torch
@@ -136,7 +137,7 @@ def extract(
     storage: dict[str, torch.Tensor] = {}
     labels = torch.full((num_images,), -1, dtype=torch.long)
     readable = torch.zeros((num_images,), dtype=torch.bool)
-    bar = tqdm(total=num_images, unit="img", desc="features", disable=not progress or rank != 0, smoothing=0.1)
+    bar = tqdm(total=num_images, unit="img", desc="features", disable=not progress or rank != 0 or not sys.stderr.isatty(), smoothing=0.1)
     started = time.perf_counter()
     for images, batch_labels, indices, batch_readable in loader:
         with autocast_for(device):

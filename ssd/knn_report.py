@@ -47,6 +47,9 @@ def knn_report(cfg, teacher_backbone: nn.Module, run_dir: Path, device: torch.de
     train_set = build_dataset(cfg.data, cfg.data.split)
     test_set = build_dataset(cfg.data, cfg.eval.test_split)
     transform = eval_transform(cfg.eval.resize_size, cfg.eval.crop_size, tuple(cfg.data.mean), tuple(cfg.data.std))
+    log.info("end-of-run k-NN: %d training and %d held-out images (split %r) at resize %d / crop %d, k in %s, for "
+             "the trained teacher, the same architecture at random init, and raw pixels", len(train_set),
+             len(test_set), cfg.eval.test_split, cfg.eval.resize_size, cfg.eval.crop_size, list(cfg.eval.knn_k))
     torch.manual_seed(cfg.train.seed)  # the random-init baseline is the run's own initial weights
     candidates = {
         "trained teacher": teacher_backbone,

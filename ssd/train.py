@@ -88,6 +88,18 @@ def agree_on_run_folder(cfg, run_dir: Path, steps_per_epoch: int, dataset_size: 
     return plan
 
 
+def run_summary(result: dict) -> str:
+    """The end-of-run line: time, throughput, final loss and (when measured) the teacher's k-NN."""
+    minutes, seconds = divmod(int(result["seconds"]), 60)
+    line = (f"summary: {result['steps_done']} steps in {minutes} min {seconds:02d} s, "
+            f"{result['images_per_second']:.1f} images/s, final loss {result['final_loss']:.4f}")
+    knn = result.get("knn", {}).get("trained teacher", {})
+    if knn:
+        k = "k=20" if "k=20" in knn else next(iter(knn))  # the k the printed table shows
+        line += f", k-NN top-1 {knn[k]['top1']:.2f}% ({k})"
+    return line
+
+
 def run(cfg) -> dict:
     """Train in this process (one rank of a job when WORLD_SIZE > 1). Returns status, step and run folder.
 
@@ -128,6 +140,7 @@ def run(cfg) -> dict:
             distributed.barrier()
         if dist_info.is_main:
             log.info("%s at step %d; run folder: %s", result["status"], result["step"], run_dir.resolve())
+            log.info(run_summary(result))
     except BaseException:
         if plan.created and not training:  # a start that failed leaves no empty run folder behind
             plan.release()

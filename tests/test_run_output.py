@@ -17,3 +17,13 @@ def test_log_file_gets_plain_lines_and_the_schedule(tmp_path):
     assert "lr warmup over 4 steps to" in result.stderr
     cut = run_training(tiny_overrides(tmp_path, "short", "train.max_steps=3", "log.progress_bar=false"))
     assert "lr warmup over 3 steps (optim.warmup_epochs asks for 4: cut to the run)" in cut.stderr
+
+
+def test_end_of_run_knn_announces_itself_and_a_summary_closes_the_run(tmp_path):
+    result = run_training(tiny_overrides(tmp_path, "run", "train.max_steps=2", "eval.knn=true", "eval.knn_k=[5]",
+                                         "eval.resize_size=32", "eval.crop_size=32"))
+    assert "end-of-run k-NN: 35 training and 1762 held-out images (split 'test') at resize 32 / crop 32" in result.stderr
+    summary = re.search(r"summary: 2 steps in \d+ min \d\d s, [\d.]+ images/s, final loss [\d.]+, k-NN top-1 "
+                        r"[\d.]+% \(k=5\)", result.stderr)
+    assert summary, result.stderr
+    assert "features:" not in result.stderr  # no extraction progress bar in a log file

@@ -285,6 +285,7 @@ class Trainer:
         bar = ProgressBar(self.show_bar, total_steps, self.step)
         handlers = signals.install_handlers()
         status = "finished"
+        started, first_step, mean_loss = time.perf_counter(), self.step, float("nan")
         try:
             batches = self._batches()
             window_start, window_steps = time.perf_counter(), 0
@@ -315,7 +316,10 @@ class Trainer:
             signals.restore_handlers(handlers)
             bar.close()
             writer.close()
-        return {"status": status, "step": self.step, "run_dir": str(self.run_dir)}
+        seconds = time.perf_counter() - started
+        return {"status": status, "step": self.step, "run_dir": str(self.run_dir), "seconds": seconds,
+                "steps_done": self.step - first_step, "final_loss": mean_loss,
+                "images_per_second": (self.step - first_step) * cfg.train.batch_size / max(seconds, 1e-9)}
 
     def _log(self, writer, schedule, loss, grad_norm, images_per_second, outputs) -> None:
         stats = self.method.monitor(outputs)
