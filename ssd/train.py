@@ -161,17 +161,38 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--config", default=None,
                         help="recipe name in ssd/configs/ or a YAML file, e.g. a run's config.yaml "
                              "(default: dino_digits_demo)")
+    parser.add_argument("--list-recipes", action="store_true", help="list the recipes with their first comment line")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the fully resolved config (recipe + overrides, validated) and exit")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides")
     args = parser.parse_args(argv)
     return args, args.overrides
+
+
+def list_recipes() -> str:
+    from ssd.config import RECIPES_DIR
+
+    lines = []
+    for path in sorted(RECIPES_DIR.glob("*.yaml")):
+        first = next((line.lstrip("# ").strip() for line in path.read_text().splitlines() if line.startswith("#")), "")
+        lines.append(f"{path.stem:<36} {first}")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Exit status: 0 finished, 75 (EXIT_PREEMPTED) stopped early by a signal with a checkpoint saved,
     2 a problem with the command's input (config, data, weights, run folder), 1 the run failed."""
     args, overrides = parse_args(argv)
+    if args.list_recipes:
+        print(list_recipes())
+        return 0
     try:
         cfg = load_config(args.config, overrides)
+        if args.print_config:
+            from omegaconf import OmegaConf
+
+            print(OmegaConf.to_yaml(cfg), end="")
+            return 0
         result = run(cfg)
     except ConfigError as error:
         return report_error(f"config error: {error}", EXIT_USAGE)

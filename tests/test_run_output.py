@@ -27,3 +27,22 @@ def test_end_of_run_knn_announces_itself_and_a_summary_closes_the_run(tmp_path):
                         r"[\d.]+% \(k=5\)", result.stderr)
     assert summary, result.stderr
     assert "features:" not in result.stderr  # no extraction progress bar in a log file
+
+
+def test_recipes_can_be_listed_and_a_config_printed_without_running(tmp_path):
+    import subprocess
+    import sys
+
+    from tests.tiny import REPO, subprocess_env
+
+    def command(*arguments):
+        return subprocess.run([sys.executable, "-m", "ssd.train", *arguments], cwd=REPO, env=subprocess_env(),
+                              capture_output=True, text=True, timeout=120)
+
+    listing = command("--list-recipes")
+    assert listing.returncode == 0 and "dinov2_vit_large14_imagenet" in listing.stdout and "DINOv2 ViT-L/14" in listing.stdout
+    printed = command("--config", "ibot_digits_demo", "--print-config", "optim.base_lr=0.002",
+                      f"output.root={tmp_path}")
+    assert printed.returncode == 0 and "name: ibot" in printed.stdout and "base_lr: 0.002" in printed.stdout
+    assert not any(tmp_path.iterdir())  # nothing ran, nothing was written
+    assert command("--print-config", "optim.base_lr=-1").returncode == 2
