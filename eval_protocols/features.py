@@ -37,12 +37,14 @@ from ssd.engine.distributed import rank_and_world
 KINDS = ("pooled", "tokens")
 
 
+SKIP_HINT = "pass --on-bad-image skip"  # what the protocols' error says; training names its config key instead
+STAND_IN_SIZE = (8, 8)  # any size: the transform resizes it, and its features are never used
+
+
 def has_block_tokens(backbone: torch.nn.Module) -> bool:
     """ViTs whose blocks' tokens the linear protocol reads: timm VisionTransformer and Eva (the DINOv3 RoPE
     models), which share `forward_intermediates`."""
     return isinstance(backbone, (VisionTransformer, Eva))
-SKIP_HINT = "pass --on-bad-image skip"  # what the protocols' error says; training names its config key instead
-STAND_IN_SIZE = (8, 8)  # any size: the transform resizes it, and its features are never used
 
 
 class TransformedDataset(Dataset):
@@ -137,7 +139,8 @@ def extract(
     storage: dict[str, torch.Tensor] = {}
     labels = torch.full((num_images,), -1, dtype=torch.long)
     readable = torch.zeros((num_images,), dtype=torch.bool)
-    bar = tqdm(total=num_images, unit="img", desc="features", disable=not progress or rank != 0 or not sys.stderr.isatty(), smoothing=0.1)
+    show_bar = progress and rank == 0 and sys.stderr.isatty()  # a bar on a terminal, not in a log file
+    bar = tqdm(total=num_images, unit="img", desc="features", disable=not show_bar, smoothing=0.1)
     started = time.perf_counter()
     for images, batch_labels, indices, batch_readable in loader:
         with autocast_for(device):

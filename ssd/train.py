@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -21,7 +20,7 @@ from ssd.config import ConfigError, check_world_size, load_config
 from ssd.data import MultiCropAugmentation, build_dataset
 from ssd.engine import distributed, signals
 from ssd.engine.checkpoint import CheckpointError
-from ssd.engine.run_folder import ResumePlan, RunFolderError, open_run_folder
+from ssd.engine.run_folder import ResumePlan, RunFolderError, open_run_folder, undo_start
 from ssd.engine.state import seed_everything
 from ssd.engine.trainer import NonFiniteLossError, Trainer, steps_per_epoch
 from ssd.methods import build_method
@@ -104,7 +103,7 @@ def run(cfg) -> dict:
     """Train in this process (one rank of a job when WORLD_SIZE > 1). Returns status, step and run folder.
 
     Everything a user can get wrong (config, data, weights, the run folder) is checked before anything is
-    written, and refused with an error that names the problem (`USER_ERRORS`)."""
+    written, and refused with an error that names the problem (`ssd.cli.user_errors`)."""
     dist_info = distributed.init_distributed(cfg.train.device)
     setup_logging(dist_info.rank)
     signals.stop_when_launcher_dies()
@@ -142,9 +141,8 @@ def run(cfg) -> dict:
             log.info("%s at step %d; run folder: %s", result["status"], result["step"], run_dir.resolve())
             log.info(run_summary(result))
     except BaseException:
-        if plan.created and not training:  # a start that failed leaves no empty run folder behind
-            plan.release()
-            shutil.rmtree(run_dir, ignore_errors=True)
+        if not training:
+            undo_start(plan, run_dir)
         raise
     finally:
         plan.release()

@@ -167,20 +167,23 @@ def find_latest_checkpoint(run_dir: str | Path) -> Path | None:
     return found[0] if found else None
 
 
-def load_latest_checkpoint(run_dir: str | Path) -> tuple[Path, dict] | None:
-    """The newest readable checkpoint and its state (each file is read once)."""
+def load_latest_checkpoint(run_dir: str | Path, skipped: list | None = None) -> tuple[Path, dict] | None:
+    """The newest readable checkpoint and its state (each file is read once); the newer unreadable ones are
+    reported and, when `skipped` is given, appended to it as (path, reason)."""
     for path in reversed(list_checkpoints(run_dir)):
         try:
             return path, load_checkpoint(path)
         except CheckpointError as error:
             log.warning("skipping unreadable checkpoint: %s", error)
+            if skipped is not None:
+                skipped.append((path, str(error)))
     return None
 
 
-def prune_checkpoints(run_dir: str | Path, keep: int, protect=()) -> None:
+def prune_checkpoints(run_dir: str | Path, keep: int, protect: list[Path] = ()) -> None:
     """Delete all but the newest `keep` checkpoints, never one in `protect` (the one just written, and the newest
     usable one: after a blow-up the newest files may all hold diverged weights)."""
-    protected = {Path(p).resolve() for p in ([protect] if isinstance(protect, (str, Path)) else protect) if p is not None}
+    protected = {Path(p).resolve() for p in protect}
     for path in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
         if path.resolve() not in protected:
             path.unlink(missing_ok=True)

@@ -171,32 +171,27 @@ def choose_checkpoint(run_dir: Path, cfg, plan: ResumePlan) -> None:
         return
     if not cfg.train.resume:
         _refuse_start_over(run_dir, checkpoints)
-    unreadable = []
-    for path in reversed(checkpoints):
-        try:
-            state = ckpt.load_checkpoint(path)
-        except ckpt.CheckpointError as error:
-            log.warning("skipping unreadable checkpoint: %s", error)
-            unreadable.append((path, str(error)))
-            continue
-        health = state.get("health", {})
-        if not health.get("usable", True):
-            usable = ckpt.newest_usable_checkpoint(run_dir)
-            advice = (f"resume from {usable.name} instead: " + ckpt.resume_command(run_dir, usable, cfg)
-                      if usable else "no usable checkpoint is left; start a new run with a lower optim.base_lr")
-            raise RunFolderError(
-                f"the newest checkpoint {path.name} holds weights up to {health.get('max_abs_weight', '?'):.3g} "
-                f"(a run that was blowing up); resuming it would diverge again. {advice}"
-            )
-        plan.set_aside.append(([p for p, _ in unreadable], "unreadable; the run resumes from an older checkpoint"))
-        plan.path, plan.state = path, state
-        return
-    reasons = "\n".join(f"  {reason}" for _, reason in unreadable)
-    raise RunFolderError(
-        f"run folder {run_dir} has {len(checkpoints)} checkpoint file(s) and none is readable:\n{reasons}\n"
-        "They are kept. To go on: restore a good copy, resume from another file with train.resume_from=<path>, "
-        "or start over with train.resume=false train.overwrite=true (deletes them)."
-    )
+    unreadable: list[tuple[Path, str]] = []
+    found = ckpt.load_latest_checkpoint(run_dir, unreadable)
+    if found is None:
+        reasons = "\n".join(f"  {reason}" for _, reason in unreadable)
+        raise RunFolderError(
+            f"run folder {run_dir} has {len(checkpoints)} checkpoint file(s) and none is readable:\n{reasons}\n"
+            "They are kept. To go on: restore a good copy, resume from another file with train.resume_from=<path>, "
+            "or start over with train.resume=false train.overwrite=true (deletes them)."
+        )
+    path, state = found
+    health = state.get("health", {})
+    if not health.get("usable", True):
+        usable = ckpt.newest_usable_checkpoint(run_dir)
+        advice = (f"resume from {usable.name} instead: " + ckpt.resume_command(run_dir, usable, cfg)
+                  if usable else "no usable checkpoint is left; start a new run with a lower optim.base_lr")
+        raise RunFolderError(
+            f"the newest checkpoint {path.name} holds weights up to {health.get('max_abs_weight', '?'):.3g} "
+            f"(a run that was blowing up); resuming it would diverge again. {advice}"
+        )
+    plan.set_aside.append(([p for p, _ in unreadable], "unreadable; the run resumes from an older checkpoint"))
+    plan.path, plan.state = path, state
 
 
 def _refuse_start_over(run_dir: Path, checkpoints: list[Path]) -> None:
@@ -282,15 +277,16 @@ def open_run_folder(cfg, run_dir: Path, steps_per_epoch: int, dataset_size: int)
             _set_aside(run_dir, paths, why)
         save_config(saved_form(cfg), run_dir / "config.yaml")
     except RunLockedError as error:
-        _undo_start(plan, run_dir)
+        undo_start(plan, run_dir)
         raise RunFolderError(str(error)) from None
     except BaseException:
-        _undo_start(plan, run_dir)
+        undo_start(plan, run_dir)
         raise
     return plan
 
 
-def _undo_start(plan: ResumePlan, run_dir: Path) -> None:
+def undo_start(plan: ResumePlan, run_dir: Path) -> None:
+    """Release the lock and remove the run folder if this start created it (a failed start leaves none)."""
     plan.release()
     if plan.created:
         shutil.rmtree(run_dir, ignore_errors=True)

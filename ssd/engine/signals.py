@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import logging
 import os
 import signal
 import threading
@@ -25,7 +24,6 @@ _stop = threading.Event()
 _stop_signal: int | None = None
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR2, signal.SIGINT)
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
-log = logging.getLogger("ssd")
 
 
 def request_stop(signum: int | None = None, _frame=None) -> None:

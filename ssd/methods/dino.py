@@ -10,11 +10,10 @@ import torch
 import torch.nn as nn
 
 from ssd.data.seeded import collate_crops
-from ssd.engine.optim import parameter_groups
 from ssd.losses.dino_loss import DINOLoss
 from ssd.models.backbone import build_backbone
 from ssd.models.dino_head import DINOHead
-from ssd.models.layer_decay import lr_multipliers
+from ssd.models.layer_decay import vit_parameter_groups
 from ssd.models.multicrop import MultiCropEncoder
 from ssd.monitors import collapse_statistics
 from ssd.teachers import ema_update, frozen_copy, keep_eval
@@ -43,7 +42,7 @@ class DINO(nn.Module):
         # The teacher starts as an exact copy of the student (same random init), as in the paper.
         self.teacher = frozen_copy(self.student)
         self.loss = DINOLoss(cfg.head.out_dim, cfg.method.student_temp, cfg.method.center_momentum)
-        self.cfg_optim = cfg.optim
+        self.optim_cfg = cfg.optim
 
     def train(self, mode: bool = True) -> DINO:
         super().train(mode)
@@ -55,9 +54,7 @@ class DINO(nn.Module):
         return collate_crops
 
     def param_groups(self) -> list[dict]:
-        depth = len(getattr(self.student.backbone, "blocks", ()))
-        optim = self.cfg_optim
-        return parameter_groups(self, lr_multipliers(depth, optim.layerwise_decay, optim.patch_embed_lr_mult))
+        return vit_parameter_groups(self, self.student.backbone, self.optim_cfg)
 
     def last_layer_parameters(self) -> list[nn.Parameter]:
         """Parameters frozen during the first `optim.freeze_last_layer_epochs` epochs."""

@@ -27,7 +27,7 @@ from ssd.losses.koleo_loss import koleo_loss
 from ssd.losses.sinkhorn import sinkhorn_knopp
 from ssd.models.backbone import build_backbone, patch_size_of
 from ssd.models.dino_head import DINOHead
-from ssd.models.layer_decay import lr_multipliers
+from ssd.models.layer_decay import vit_parameter_groups
 from ssd.models.token_network import TokenNetwork
 from ssd.models.tokens import require_tokens
 from ssd.monitors import collapse_statistics
@@ -79,11 +79,7 @@ class MaskedDistillation(nn.Module):
                                spread_in_batch=method.mask_spread_in_batch)
 
     def param_groups(self) -> list[dict]:
-        from ssd.engine.optim import parameter_groups
-
-        optim = self.cfg.optim
-        depth = len(self.student.backbone.blocks)
-        return parameter_groups(self, lr_multipliers(depth, optim.layerwise_decay, optim.patch_embed_lr_mult))
+        return vit_parameter_groups(self, self.student.backbone, self.cfg.optim)
 
     def last_layer_parameters(self) -> list[nn.Parameter]:
         """Parameters frozen during the first `optim.freeze_last_layer_epochs` epochs (both heads)."""

@@ -25,6 +25,15 @@ def vit_layer_id(name: str, depth: int) -> int:
     return depth + 1
 
 
+def vit_parameter_groups(method, backbone, optim) -> list[dict]:
+    """A method's optimizer groups: weight decay as in DINO, lr multipliers from `optim.layerwise_decay` and
+    `optim.patch_embed_lr_mult` over its backbone's blocks (a backbone without blocks has depth 0)."""
+    from ssd.engine.optim import parameter_groups
+
+    depth = len(getattr(backbone, "blocks", ()))
+    return parameter_groups(method, lr_multipliers(depth, optim.layerwise_decay, optim.patch_embed_lr_mult))
+
+
 def lr_multipliers(depth: int, layerwise_decay: float, patch_embed_lr_mult: float) -> Callable[[str], float] | None:
     """`name -> multiplier`, or None when both factors are 1 (one group per decay setting, as DINO had)."""
     if layerwise_decay == 1.0 and patch_embed_lr_mult == 1.0:
