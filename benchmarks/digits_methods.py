@@ -33,7 +33,7 @@ def run_method(method: str, root: Path, extra: list[str]) -> dict:
         raise SystemExit(f"{method} failed:\n{result.stderr[-3000:]}")
     report = json.loads((root / run_name / "knn.json").read_text())
     steps = [json.loads(line)["step"] for line in (root / run_name / "metrics.jsonl").read_text().splitlines()]
-    top1 = {name: values["k=20"]["top1"] for name, values in report.items() if isinstance(values, dict)
+    top1 = {name: values["k=20"]["top1"] for name, values in report["results"].items() if isinstance(values, dict)
             and "k=20" in values}
     return {"method": method, "steps": steps[-1], "minutes": round(minutes, 2),
             "knn_trained": top1["trained teacher"], "knn_random_init": top1["random init (same arch)"],

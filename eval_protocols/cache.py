@@ -21,7 +21,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from eval_protocols.features import extract, has_block_tokens
+from eval_protocols.features import block_count, extract, has_block_tokens
 from ssd.engine.distributed import barrier, rank_and_world
 
 log = logging.getLogger(__name__)
@@ -63,7 +63,8 @@ def cached_extract(cache_dir, description: dict, backbone, dataset, transform, k
     if cache_dir is None:
         return extract(backbone, dataset, transform, kind, n_last_blocks, **extract_options)
     if has_block_tokens(backbone):
-        kind, n_last_blocks = "tokens", max(n_last_blocks, CACHED_BLOCKS)
+        # A shallow test model has fewer blocks than the cache keeps for a real one.
+        kind, n_last_blocks = "tokens", max(n_last_blocks, min(CACHED_BLOCKS, block_count(backbone)))
     description = {**description, "kind": kind, "n_last_blocks": n_last_blocks if kind == "tokens" else 0}
     path = cache_path(cache_dir, description)
     cached = read_cache(path, description)

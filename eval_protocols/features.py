@@ -47,6 +47,11 @@ def has_block_tokens(backbone: torch.nn.Module) -> bool:
     return isinstance(backbone, (VisionTransformer, Eva))
 
 
+def block_count(backbone: torch.nn.Module) -> int:
+    """How many blocks' class tokens a ViT can give (0 for backbones without block tokens)."""
+    return len(backbone.blocks) if has_block_tokens(backbone) else 0
+
+
 class TransformedDataset(Dataset):
     """An ssd dataset (``load(index) -> (PIL image, label)``) seen through ``transform``, restricted to
     ``indices``; items are ``(image, label, dataset index, readable)``: the index lets shards be put back in
@@ -120,12 +125,14 @@ def extract(
     progress: bool = True,
     on_bad_image: str = "skip",
     how_to_skip: str = SKIP_HINT,
+    shard: bool = True,
 ) -> tuple[dict, torch.Tensor, torch.Tensor]:
     """Features of every image of ``dataset`` in dataset order: ``({name: (N, ...) float32}, labels (N,),
     readable (N,) bool)``. Rows of unreadable images (see ``TransformedDataset``) are zeros, labelled -1 and
-    not readable; ``drop_unreadable`` removes them."""
+    not readable; ``drop_unreadable`` removes them. ``shard=False``: this process extracts every image by
+    itself, without collectives, for code that runs on one rank of a process group (the end-of-run k-NN)."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    rank, world_size = rank_and_world()
+    rank, world_size = rank_and_world() if shard else (0, 1)
     num_images = len(dataset)
     # Each process takes every world_size-th image; the shards are padded with a repeat of the first images
     # so that all processes run the same number of batches (a collective per batch needs that). For the same

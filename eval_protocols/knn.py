@@ -4,7 +4,12 @@ Features are L2-normalised so that inner products are cosine similarities; each 
 training features vote for their label with weight ``exp(similarity / T)`` (T = 0.07); top-1 and top-5
 accuracies are reported for several k from one search with the largest k.
 
-    python -m eval_protocols.knn checkpoints/my_run --dataset imagefolder --data-root /data/imagenet
+    python -m eval_protocols.knn checkpoints/my_run --dataset imagefolder --data-root /data/imagenet \\
+        --test-split val --baselines --output knn.json
+
+--baselines adds the same architecture at random initialisation and raw pixels (the table the end of a
+training run prints); --limit 200 makes it a smoke test of seconds. The JSON layout is that of a run's knn.json
+(see eval_protocols/reports.py).
 """
 
 from __future__ import annotations
@@ -12,10 +17,11 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import time
 
 import torch
 
-from eval_protocols import common
+from eval_protocols import common, reports
 from eval_protocols.search import BACKENDS, INDEX_TYPES, l2_normalize, topk_search
 from ssd.cli import run_command
 
@@ -89,30 +95,25 @@ def knn_classify(
     return results
 
 
-def format_table(results: dict) -> str:
-    lines = [f"{'k':>6} {'top-1':>8} {'top-5':>8}"]
-    for key, accuracy in results.items():
-        lines.append(f"{key.removeprefix('k='):>6} {accuracy['top1']:8.2f} {accuracy['top5']:8.2f}")
-    return "\n".join(lines)
-
-
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m eval_protocols.knn", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(prog="python -m eval_protocols.knn", description=__doc__,
+                                     formatter_class=common.HelpFormatter)
     common.add_model_args(parser)
     common.add_data_args(parser)
     parser.add_argument("--ks", type=int, nargs="+", default=list(DEFAULT_KS), help="numbers of neighbours")
     parser.add_argument("--temperature", type=float, default=0.07, help="vote weight exp(sim / T)")
     parser.add_argument("--backend", choices=BACKENDS, default="auto",
-                        help="faiss (GPU when available) or torch (chunked mm + topk, as in DINO)")
+                        help="faiss (GPU when available) or torch (chunked mm + topk, as in DINO); auto: faiss "
+                             "when installed")
     parser.add_argument("--index", choices=INDEX_TYPES, default="flat",
                         help="flat = exact; ivf / ivfpq = approximate, for banks too large for memory")
-    parser.add_argument("--nlist", type=int, default=None, help="IVF lists (default ~4 sqrt(N))")
+    parser.add_argument("--nlist", type=int, default=None, help="IVF lists (default: ~4 sqrt(N))")
     parser.add_argument("--nprobe", type=int, default=32, help="IVF lists visited per query")
-    parser.add_argument("--pq-m", type=int, default=None, help="PQ sub-quantizers (default D / 8)")
-    parser.add_argument("--output", default=None, help="JSON file for the results (default: print only)")
-    return parser.parse_args(argv)
+    parser.add_argument("--pq-m", type=int, default=None, help="PQ sub-quantizers (default: D / 8)")
+    common.add_report_args(parser, seeded="the --limit / --fraction subset and the random-init baseline")
+    args = parser.parse_args(argv)
+    common.check_data_args(parser, args)
+    return args
 
 
 def main(argv=None) -> dict:
@@ -120,26 +121,36 @@ def main(argv=None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     common.init_distributed()
     backbone, model_info = common.load_backbone(args)
-    features = {}
-    for split in (args.train_split, args.test_split):
-        features[split] = common.features_for_split(args, backbone, model_info, split, kind="pooled")
+    datasets = {"train": common.build_split(args, args.train_split), "test": common.build_split(args, args.test_split)}
+    index_options = {"nprobe": args.nprobe, "nlist": args.nlist, "pq_m": args.pq_m} if args.index != "flat" else {}
+    results, seconds, skipped, sizes = {}, {}, None, {}
+    for name, model, identity in common.candidates(args, backbone, model_info):
+        started = time.perf_counter()
+        # Extraction is collective (every process takes a shard); the search runs on the main process.
+        (train_features, train_labels, train_readable), (test_features, test_labels, test_readable) = (
+            common.features_for_split(args, model, model_info, datasets[part], split, "pooled", identity=identity)
+            for part, split in (("train", args.train_split), ("test", args.test_split)))
+        extracted = time.perf_counter()
+        if not common.is_main_process():
+            continue
+        if skipped is None:  # the same images for every candidate: counted (and said) once
+            skipped = {"train": common.count_left_out(train_readable, args.train_split),
+                       "test": common.count_left_out(test_readable, args.test_split)}
+        train_features, train_labels = train_features[train_readable], train_labels[train_readable]
+        test_features, test_labels = test_features[test_readable], test_labels[test_readable]
+        sizes = {"train_size": len(train_labels), "test_size": len(test_labels)}
+        results[name] = knn_classify(train_features, train_labels, test_features, test_labels, ks=args.ks,
+                                     temperature=args.temperature, backend=args.backend, index_type=args.index,
+                                     **index_options)
+        seconds[name] = {"features": round(extracted - started, 3),
+                         "search": round(time.perf_counter() - extracted, 3)}
     if not common.is_main_process():
         return {}
-    (train_features, train_labels, train_readable), (test_features, test_labels, test_readable) = (
-        features[args.train_split], features[args.test_split])
-    skipped = {"train": common.count_left_out(train_readable, args.train_split),
-               "test": common.count_left_out(test_readable, args.test_split)}
-    train_features, train_labels = train_features[train_readable], train_labels[train_readable]
-    test_features, test_labels = test_features[test_readable], test_labels[test_readable]
-    index_options = {"nprobe": args.nprobe, "nlist": args.nlist, "pq_m": args.pq_m} if args.index != "flat" else {}
-    results = knn_classify(
-        train_features, train_labels, test_features, test_labels, ks=args.ks, temperature=args.temperature,
-        backend=args.backend, index_type=args.index, **index_options,
-    )
-    print(format_table(results))
-    report = {"protocol": "knn", "temperature": args.temperature, "index": args.index, "results": results,
-              **common.report_header(args, model_info, train_size=len(train_labels), test_size=len(test_labels),
-                                     skipped_images=skipped)}
+    report = reports.knn_json(common.report_header(args, model_info, "knn", datasets), **sizes,
+                              skipped_images=skipped, ks=args.ks, temperature=args.temperature,
+                              search={"backend": args.backend, "index": args.index, **index_options},
+                              results=results, seconds=seconds)
+    print(reports.knn_table(report))
     if args.output:
         common.write_json(args.output, report)
         print(f"results written to {args.output}")

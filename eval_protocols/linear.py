@@ -1,15 +1,29 @@
-"""Linear probing of a frozen backbone: the DINO protocol with a DINOv2-style grid, and honest model selection.
+"""Linear probing of a frozen backbone, with two protocols:
 
-A grid of linear heads (learning rates x n_last_blocks in {1, 4} x avgpool on/off) is trained at once over
-one backbone pass per batch: SGD, momentum 0.9, no weight decay, cosine schedule. The winning setting is
-chosen on a validation split held out from the training set (10%, stratified, seeded), and only the winner is
-then evaluated on the test split. Two modes:
+- grid (default): a DINOv2-style grid of linear heads (learning rates x n_last_blocks in {1, 4} x avgpool
+  off/on) trained at once over one backbone pass per batch: SGD, momentum 0.9, no weight decay, cosine schedule
+  per step. The winning setting is chosen on a validation part held out from the training split (10%,
+  stratified, seeded), and only the winner is then evaluated on the test split: no choice sees the test split.
+- dino: the single setting of DINO's eval_linear.py (Caron et al. 2021), so that figures compare with the
+  paper's: SGD momentum 0.9, weight decay 0, lr 0.001 per 256 images (x global batch / 256; the paper's runs:
+  8 GPUs x 128 = 1024), cosine to 0 stepped per epoch, 100 epochs, random-resized crop (0.08-1, bilinear) + flip
+  for training, centre crop for testing; features: the class tokens of the last 4 blocks concatenated (DINO's
+  choice for ViT-S; for ViT-B it uses --n-last-blocks 1 --avgpool on), no validation part. Differences: DINO
+  prints the best test accuracy over its per-epoch evaluations, this reports the accuracy after the last
+  epoch (no choice made on the test split); and --mode fast trains on one centre-crop view per image instead of
+  a new augmented view per epoch, which usually costs some accuracy against the paper's figures.
 
-- ``full``: random-resized-crop + flip on every epoch, backbone run on every batch (the DINO protocol);
+Two modes, for both protocols:
+
+- ``full``: random-resized crop + flip on every epoch, backbone run on every batch (as DINO does);
 - ``fast``: centre-crop features extracted once (and cached with --cache-dir), heads trained on them.
 
+Learning rates are given and reported per 256 images; the lr a head trains with is that x global batch / 256.
+
     python -m eval_protocols.linear checkpoints/my_run --dataset cifar10 --data-root ~/data/cifar10 \\
-        --resize 32 --crop 32 --mode fast --output linear.json
+        --mode fast --baselines --output linear.json
+    python -m eval_protocols.linear checkpoints/my_run --dataset imagefolder --data-root /data/imagenet \\
+        --test-split val --protocol dino --batch-size 128   # on 8 GPUs: DINO's global batch 1024
 """
 
 from __future__ import annotations
@@ -20,254 +34,168 @@ import math
 import sys
 
 import torch
-import torch.distributed as dist
-import torch.nn.functional as F
-from sklearn.model_selection import train_test_split
-from torch.utils.data import DataLoader
-from torchvision.transforms import v2
 
-from eval_protocols import common
-from eval_protocols.features import (
-    TransformedDataset,
-    autocast_for,
-    backbone_outputs,
-    drop_unreadable,
-    extract,
-    has_block_tokens,
+from eval_protocols import common, reports
+from eval_protocols.features import block_count, drop_unreadable, extract, has_block_tokens
+from eval_protocols.linear_heads import DEFAULT_LEARNING_RATES, LinearGrid, make_grid
+from eval_protocols.linear_report import edge_warning, format_comparison, format_result
+from eval_protocols.linear_training import (
+    augmented_batches,
+    cached_batches,
+    count_distinct,
+    score_single_head,
+    select_and_test,
+    split_train_val,
+    take,
+    train_grid,
+    training_augmentation,
 )
-from eval_protocols.linear_heads import (
-    DEFAULT_LEARNING_RATES,
-    LinearGrid,
-    count_correct,
-    make_grid,
-)
+from eval_protocols.subset import Subset
 from ssd.cli import run_command
-from ssd.engine.distributed import is_distributed, rank_and_world
+from ssd.engine.distributed import rank_and_world
 
 log = logging.getLogger(__name__)
 
-
-def split_train_val(labels, val_fraction: float = 0.1, seed: int = 0) -> tuple[list[int], list[int]]:
-    """Indices of the training and validation parts, stratified by class so that every class is in both."""
-    if not 0 < val_fraction < 1:
-        raise ValueError(f"val_fraction must be in (0, 1), not {val_fraction}")
-    indices, labels = list(range(len(labels))), [int(label) for label in labels]
-    try:
-        train, val = train_test_split(indices, test_size=val_fraction, random_state=seed, stratify=labels)
-    except ValueError:  # a class with a single image cannot be in both parts: fall back to a plain split
-        train, val = train_test_split(indices, test_size=val_fraction, random_state=seed)
-    return sorted(train), sorted(val)
+PROTOCOLS = ("grid", "dino")
+# DINO's eval_linear.py defaults (ViT-S): --lr 0.001 (per 256 images), --n_last_blocks 4, no avgpool.
+DINO_LR, DINO_N_LAST_BLOCKS, DINO_AVGPOOL = 0.001, 4, "off"
+AVGPOOL_CHOICES = {"both": (False, True), "on": (True,), "off": (False,)}
 
 
-class Subset:
-    """An ssd dataset restricted to ``indices`` (same ``load`` / ``describe`` interface)."""
-
-    def __init__(self, dataset, indices: list[int]):
-        self.dataset, self.indices = dataset, indices
-        self.targets = [dataset.targets[i] for i in indices]
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def load(self, index: int):
-        return self.dataset.load(self.indices[index])
-
-    def describe(self, index: int) -> str:
-        return self.dataset.describe(self.indices[index])
+def resolve_protocol(args: argparse.Namespace) -> None:
+    """Fill the grid options the user left out with the protocol's own; a fixed protocol takes one of each."""
+    dino = args.protocol == "dino"
+    args.lrs = args.lrs or ([DINO_LR] if dino else list(DEFAULT_LEARNING_RATES))
+    args.n_last_blocks = args.n_last_blocks or ([DINO_N_LAST_BLOCKS] if dino else [1, 4])
+    args.avgpool = args.avgpool or (DINO_AVGPOOL if dino else "both")
+    if dino and (len(args.lrs) > 1 or len(args.n_last_blocks) > 1 or args.avgpool == "both"):
+        raise ValueError("--protocol dino trains one head with no validation part to choose among several: give one "
+                         "--lrs value, one --n-last-blocks value and --avgpool on or off (or use --protocol grid)")
 
 
-def take(outputs: dict, indices) -> dict:
-    indices = torch.as_tensor(indices, dtype=torch.long)
-    return {name: value[indices] for name, value in outputs.items()}
+def training_data(args, model, info: dict, train_dataset, identity: dict, n_blocks: int, device: torch.device):
+    """``(epoch_batches, steps per epoch, processes sharing a batch, validation part or None, finish)``;
+    ``finish()`` returns the training size and the skipped images once training has met every image."""
+    if args.protocol == "dino":
+        train_indices, val_indices = list(range(len(train_dataset))), []
+    else:
+        train_indices, val_indices = split_train_val(train_dataset.targets, args.val_fraction, args.seed)
+    if args.mode == "fast":
+        everything, labels, readable = common.features_for_split(args, model, info, train_dataset, args.train_split,
+                                                                 "tokens", n_blocks, identity=identity)
+        skipped = common.count_left_out(readable, args.train_split)
+        # The split was made over all images, so an unreadable file moves no other image between the parts.
+        train_indices = [i for i in train_indices if readable[i]]
+        val_indices = [i for i in val_indices if readable[i]]
+        val = (take(everything, val_indices), labels[val_indices]) if val_indices else None
+        epoch_batches = cached_batches(take(everything, train_indices), labels[train_indices], args.batch_size,
+                                       args.seed)
+        steps = math.ceil(len(train_indices) / args.batch_size)
+        # 1: every process holds all features and trains on them alone.
+        return epoch_batches, steps, 1, val, lambda: (len(train_indices), skipped)
+    from ssd.data import eval_transform
+
+    val, skipped_val = None, 0
+    if val_indices:
+        center_crop = eval_transform(args.resize, args.crop, info["mean"], info["std"])
+        val_outputs, val_labels, val_readable = extract(
+            model, Subset(train_dataset, val_indices), center_crop, "tokens", n_blocks, args.batch_size,
+            args.num_workers, device, on_bad_image=args.on_bad_image)
+        val = drop_unreadable(val_outputs, val_labels, val_readable)
+        skipped_val = common.count_left_out(val_readable, "validation part")
+    augmentation = training_augmentation(args.crop, info["mean"], info["std"],
+                                         "bilinear" if args.protocol == "dino" else "bicubic")
+    epoch_batches, steps, unreadable = augmented_batches(model, train_dataset, train_indices, augmentation, args,
+                                                         n_blocks, device)
+
+    def finish():  # unreadable images of the training part are only met during training
+        skipped_in_training = count_distinct(unreadable)
+        return len(train_indices) - skipped_in_training, skipped_val + skipped_in_training
+    return epoch_batches, steps, rank_and_world()[1], val, finish
 
 
-def cached_batches(outputs: dict, labels: torch.Tensor, batch_size: int, seed: int):
-    """Per epoch, shuffled mini-batches of precomputed features (a different, seeded order each epoch)."""
-    def epoch_batches(epoch: int):
-        order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed + epoch))
-        for start in range(0, len(order), batch_size):
-            chosen = order[start:start + batch_size]
-            yield take(outputs, chosen), labels[chosen]
-    return epoch_batches
-
-
-def augmented_batches(backbone, dataset, indices, args, info: dict, n_last_blocks: int, device: torch.device):
-    """Per epoch, freshly augmented images run through the frozen backbone (the full DINO protocol).
-
-    Returns ``(epoch_batches, steps per epoch, unreadable)``: rows of unreadable images are dropped from their
-    batch (which may become empty) and their dataset indices collected in the set ``unreadable``."""
-    transform = v2.Compose([
-        v2.RandomResizedCrop(args.crop, interpolation=v2.InterpolationMode.BICUBIC), v2.RandomHorizontalFlip(),
-        v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(info["mean"], info["std"]),
-    ])
-    view = TransformedDataset(dataset, transform, indices, args.on_bad_image)
-    distributed = is_distributed()
-    sampler = (torch.utils.data.DistributedSampler(view, seed=args.seed) if distributed
-               else torch.utils.data.RandomSampler(view, generator=torch.Generator().manual_seed(args.seed)))
-    loader = DataLoader(view, batch_size=args.batch_size, sampler=sampler, num_workers=args.num_workers,
-                        drop_last=len(view) >= args.batch_size, pin_memory=device.type == "cuda")
-    backbone.eval().to(device)
-    unreadable: set[int] = set()
-
-    def epoch_batches(epoch: int):
-        if distributed:
-            sampler.set_epoch(epoch)
-        for images, labels, indices, readable in loader:
-            unreadable.update(indices[~readable].tolist())
-            with torch.no_grad(), autocast_for(device):
-                outputs = backbone_outputs(backbone, images.to(device, non_blocking=True), "tokens", n_last_blocks)
-            readable = readable.to(device)
-            yield {k: v.float()[readable] for k, v in outputs.items()}, labels.to(device)[readable]
-    return epoch_batches, len(loader), unreadable
-
-
-def count_distinct(indices: set[int]) -> int:
-    """How many distinct indices all processes together hold (one image can be met on several processes)."""
-    if not is_distributed():
-        return len(indices)
-    gathered = [None] * rank_and_world()[1]
-    dist.all_gather_object(gathered, sorted(indices))
-    return len(set().union(*gathered))
-
-
-def train_grid(grid: LinearGrid, epoch_batches, epochs: int, steps_per_epoch: int, lr_scale: float,
-               device: torch.device) -> None:
-    """SGD (momentum 0.9, no weight decay) on the summed losses of all heads, cosine-annealed to 0 per step."""
-    grid.to(device).train()
-    distributed = is_distributed()
-    model = torch.nn.parallel.DistributedDataParallel(grid) if distributed else grid
-    optimizer = torch.optim.SGD(grid.param_groups(lr_scale), momentum=0.9, weight_decay=0.0)
-    total_steps, step = max(1, epochs * steps_per_epoch), 0
-    for epoch in range(epochs):
-        losses = []
-        for outputs, labels in epoch_batches(epoch):
-            for group in optimizer.param_groups:
-                group["lr"] = 0.5 * group["peak_lr"] * (1 + math.cos(math.pi * min(step, total_steps) / total_steps))
-            outputs, labels = {k: v.to(device) for k, v in outputs.items()}, labels.to(device)
-            # A sum over the batch, not a mean: a batch left empty by unreadable images gives 0, not NaN, and
-            # still steps with every other process (DDP needs every process in every step).
-            loss = sum(F.cross_entropy(logits, labels, reduction="sum") for logits in model(outputs))
-            loss = loss / max(len(labels), 1)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            losses.append(loss.item() / len(grid.heads))
-            step += 1
-        if losses and (epoch + 1) % max(1, epochs // 10) == 0:
-            log.info("epoch %d/%d: mean loss per head %.4f", epoch + 1, epochs, sum(losses) / len(losses))
-
-
-@torch.no_grad()
-def evaluate(grid: LinearGrid, outputs: dict, labels: torch.Tensor, device: torch.device,
-             heads: list[int] | None = None, batch_size: int = 1024) -> list[dict]:
-    """Top-1 / top-5 (percent) of the chosen heads (all by default) on precomputed features."""
-    grid.to(device).eval()
-    heads = list(range(len(grid.heads))) if heads is None else heads
-    correct = torch.zeros(len(heads), 2, dtype=torch.long)
-    for start in range(0, len(labels), batch_size):
-        batch = {k: v[start:start + batch_size].to(device) for k, v in outputs.items()}
-        batch_labels = labels[start:start + batch_size].to(device)
-        all_logits = grid(batch)
-        for row, head in enumerate(heads):
-            correct[row, 0] += count_correct(all_logits[head], batch_labels, 1)
-            correct[row, 1] += count_correct(all_logits[head], batch_labels, 5)
-    return [{"top1": 100.0 * c[0].item() / len(labels), "top5": 100.0 * c[1].item() / len(labels)} for c in correct]
-
-
-def select_and_test(grid: LinearGrid, val: tuple, test: tuple, device: torch.device) -> dict:
-    """Validation accuracy of every head; the best head (first on ties) alone is then run on the test split."""
-    val_results = evaluate(grid, *val, device)
-    best = max(range(len(val_results)), key=lambda i: (val_results[i]["top1"], -i))
-    test_result = evaluate(grid, *test, device, heads=[best])[0]
-    rows = [{**setting.as_dict(), "val_top1": r["top1"], "val_top5": r["top5"]}
-            for setting, r in zip(grid.settings, val_results)]
-    return {"grid": rows, "best": {**rows[best], "test_top1": test_result["top1"], "test_top5": test_result["top5"]}}
-
-
-def format_table(report: dict) -> str:
-    lines = [f"{'setting':<34} {'val top-1':>9}"]
-    lines += [f"{row['name']:<34} {row['val_top1']:9.2f}" for row in report["grid"]]
-    best = report["best"]
-    lines.append(f"best on validation: {best['name']} -> test top-1 {best['test_top1']:.2f}, "
-                 f"top-5 {best['test_top5']:.2f}")
-    return "\n".join(lines)
+def probe(args, model, info: dict, datasets: dict, identity: dict, device: torch.device) -> tuple[dict, dict, float]:
+    """One candidate's probe: ``(result, sizes, lr_scale)``; result holds "grid" (a row per head), "best" (with
+    its test accuracy) and, in grid mode, a "warning" when the best lr is on the edge of the grid."""
+    depth = block_count(model) or None
+    if depth and max(args.n_last_blocks) > depth:
+        log.warning("the backbone has %d blocks: --n-last-blocks above %d use all %d", depth, depth, depth)
+    settings = make_grid(args.lrs, args.n_last_blocks, AVGPOOL_CHOICES[args.avgpool], has_block_tokens(model), depth)
+    n_blocks = max(s.n_last_blocks for s in settings)
+    epoch_batches, steps, world_size, val, finish = training_data(args, model, info, datasets["train"], identity,
+                                                                  n_blocks, device)
+    test_outputs, test_labels, test_readable = common.features_for_split(
+        args, model, info, datasets["test"], args.test_split, "tokens", n_blocks, identity=identity)
+    test = drop_unreadable(test_outputs, test_labels, test_readable)
+    skipped_test = common.count_left_out(test_readable, args.test_split)
+    num_classes = max(len(datasets["train"].classes), int(test[1].max()) + 1)
+    torch.manual_seed(args.seed)  # the heads' initialisation: the same for every candidate
+    grid = LinearGrid(settings, take(test[0], [0]), num_classes)
+    lr_scale = args.batch_size * world_size / 256  # lrs are per 256 images, as in DINO / DINOv2
+    train_grid(grid, epoch_batches, args.epochs, steps, lr_scale, device,
+               schedule="epoch" if args.protocol == "dino" else "step")
+    train_size, skipped_train = finish()
+    if args.protocol == "dino":
+        result = score_single_head(grid, test, device, lr_scale)
+    else:
+        result = select_and_test(grid, val, test, device, lr_scale)
+        result["warning"] = edge_warning(result, args.lrs)
+    sizes = {"train_size": train_size, "val_size": 0 if val is None else len(val[1]), "test_size": len(test[1]),
+             "skipped_images": {"train": skipped_train, "test": skipped_test}}
+    return result, sizes, lr_scale
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m eval_protocols.linear", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=common.HelpFormatter)
     common.add_model_args(parser)
     common.add_data_args(parser)
+    parser.add_argument("--protocol", choices=PROTOCOLS, default="grid",
+                        help="grid: many settings, the best on a validation part; dino: DINO's single setting")
     parser.add_argument("--mode", choices=("full", "fast"), default="full",
                         help="full: augmented images every epoch (DINO); fast: train on centre-crop features")
     parser.add_argument("--epochs", type=int, default=100, help="DINO trains linear heads for 100 epochs")
-    parser.add_argument("--lrs", type=float, nargs="+", default=list(DEFAULT_LEARNING_RATES),
-                        help="peak learning rates per 256 images (scaled by the global batch size)")
-    parser.add_argument("--n-last-blocks", type=int, nargs="+", default=[1, 4])
-    parser.add_argument("--avgpool", choices=("both", "on", "off"), default="both")
-    parser.add_argument("--val-fraction", type=float, default=0.1, help="share of the training split held out")
-    parser.add_argument("--seed", type=int, default=0, help="seeds the validation split and the batch order")
-    parser.add_argument("--output", default=None, help="JSON file for the results")
-    return parser.parse_args(argv)
+    parser.add_argument("--lrs", type=float, nargs="+", default=None,
+                        help="peak learning rates per 256 images, scaled by global batch / 256 (default: grid: "
+                             f"{' '.join(f'{lr:g}' for lr in DEFAULT_LEARNING_RATES)}; dino: {DINO_LR:g})")
+    parser.add_argument("--n-last-blocks", type=int, nargs="+", default=None,
+                        help="class tokens of this many last blocks, concatenated (default: grid: 1 4; dino: 4)")
+    parser.add_argument("--avgpool", choices=tuple(AVGPOOL_CHOICES), default=None,
+                        help="append the mean patch token (default: grid: both; dino: off)")
+    parser.add_argument("--val-fraction", type=float, default=0.1,
+                        help="share of the training split held out to choose the setting (grid only)")
+    common.add_report_args(parser, seeded="the --limit / --fraction subset, the random-init baseline, the "
+                                          "validation part, the heads' initialisation and the batch order")
+    args = parser.parse_args(argv)
+    common.check_data_args(parser, args)
+    try:
+        resolve_protocol(args)
+    except ValueError as error:
+        parser.error(str(error))
+    return args
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     common.init_distributed()
-    torch.manual_seed(args.seed)  # the heads' initialisation
     device = common.default_device(args.device)
     backbone, info = common.load_backbone(args)
-    settings = make_grid(args.lrs, args.n_last_blocks, {"both": (False, True), "on": (True,), "off": (False,)}
-                         [args.avgpool], has_tokens=has_block_tokens(backbone))
-    n_blocks = max(s.n_last_blocks for s in settings)
-    train_dataset = common.build_split(args, args.train_split)
-    train_indices, val_indices = split_train_val(train_dataset.targets, args.val_fraction, args.seed)
-    world_size = rank_and_world()[1]
-    if args.mode == "fast":
-        everything, labels, readable = common.features_for_split(args, backbone, info, args.train_split, "tokens",
-                                                                 n_blocks)
-        skipped_train = common.count_left_out(readable, args.train_split)
-        # The split was made over all images, so an unreadable file moves no other image between the parts.
-        train_indices = [i for i in train_indices if readable[i]]
-        val_indices = [i for i in val_indices if readable[i]]
-        val = (take(everything, val_indices), labels[val_indices])
-        epoch_batches = cached_batches(take(everything, train_indices), labels[train_indices], args.batch_size,
-                                       args.seed)
-        steps_per_epoch, world_size = math.ceil(len(train_indices) / args.batch_size), 1  # each process alone
-        train_size = len(train_indices)
-    else:
-        from ssd.data import eval_transform
-
-        center_crop = eval_transform(args.resize, args.crop, info["mean"], info["std"])
-        val_outputs, val_labels, val_readable = extract(
-            backbone, Subset(train_dataset, val_indices), center_crop, "tokens", n_blocks, args.batch_size,
-            args.num_workers, device, on_bad_image=args.on_bad_image)
-        val = drop_unreadable(val_outputs, val_labels, val_readable)
-        skipped_val = common.count_left_out(val_readable, "validation part")
-        epoch_batches, steps_per_epoch, unreadable = augmented_batches(backbone, train_dataset, train_indices, args,
-                                                                       info, n_blocks, device)
-    test_outputs, test_labels, test_readable = common.features_for_split(args, backbone, info, args.test_split,
-                                                                         "tokens", n_blocks)
-    test = drop_unreadable(test_outputs, test_labels, test_readable)
-    skipped_test = common.count_left_out(test_readable, args.test_split)
-    num_classes = max(len(train_dataset.classes), int(test[1].max()) + 1)
-    grid = LinearGrid(settings, take(val[0], [0]), num_classes)
-    lr_scale = args.batch_size * world_size / 256  # the grid's lrs are per 256 images, as in DINO / DINOv2
-    train_grid(grid, epoch_batches, args.epochs, steps_per_epoch, lr_scale, device)
-    if args.mode == "full":  # unreadable images of the training part are only met during training
-        skipped_in_training = count_distinct(unreadable)
-        train_size = len(train_indices) - skipped_in_training
-        skipped_train = skipped_val + skipped_in_training
-    report = select_and_test(grid, val, test, device)
+    datasets = {"train": common.build_split(args, args.train_split), "test": common.build_split(args, args.test_split)}
+    results, sizes, lr_scale = {}, None, None
+    for name, model, identity in common.candidates(args, backbone, info):
+        results[name], candidate_sizes, lr_scale = probe(args, model, info, datasets, identity, device)
+        sizes = sizes or candidate_sizes  # the same images for every candidate
     if not common.is_main_process():
-        return report
-    print(format_table(report))
-    report = {"protocol": "linear", "mode": args.mode, "epochs": args.epochs, "batch_size": args.batch_size,
-              "lr_scale": lr_scale, "val_fraction": args.val_fraction, "seed": args.seed,
-              **common.report_header(args, info, train_size=train_size, val_size=len(val[1]),
-                                     test_size=len(test[1]),
-                                     skipped_images={"train": skipped_train, "test": skipped_test}), **report}
+        return {}
+    for name, result in results.items():
+        print(format_result(name, result, args.protocol, lr_scale))
+    if len(results) > 1:
+        print(format_comparison(results))
+    report = {**common.report_header(args, info, "linear", datasets), **sizes, "linear_protocol": args.protocol,
+              "mode": args.mode, "epochs": args.epochs, "batch_size": args.batch_size,
+              "lr_scale": lr_scale, "val_fraction": args.val_fraction if args.protocol == "grid" else None,
+              "seed": args.seed, "results": results, "date": reports.now()}
     if args.output:
         common.write_json(args.output, report)
         print(f"results written to {args.output}")

@@ -1,6 +1,6 @@
 """The grid of linear classifiers trained together on one backbone pass (as DINOv2's linear evaluation does).
 
-A grid point is a ``Setting``: learning rate, how many last blocks' CLS tokens are concatenated
+A grid point is a ``Setting``: learning rate (per 256 images), how many last blocks' CLS tokens are concatenated
 (``n_last_blocks``), and whether the mean patch token of the last block is appended (``avgpool``). Every
 point has its own ``nn.Linear``; their losses are summed, and since the features are frozen each head's
 gradient is exactly what it would be if trained alone.
@@ -23,23 +23,26 @@ DEFAULT_AVGPOOL = (False, True)
 
 @dataclass(frozen=True)
 class Setting:
-    lr: float  # per 256 images
+    lr_per_256: float  # the lr a head trains with is this x global batch / 256
     n_last_blocks: int
     avgpool: bool
 
     @property
     def name(self) -> str:
-        return f"lr={self.lr:g} blocks={self.n_last_blocks} avgpool={int(self.avgpool)}"
+        return f"lr={self.lr_per_256:g} blocks={self.n_last_blocks} avgpool={int(self.avgpool)}"
 
     def as_dict(self) -> dict:
         return {"name": self.name, **asdict(self)}
 
 
 def make_grid(lrs=DEFAULT_LEARNING_RATES, n_last_blocks=DEFAULT_N_LAST_BLOCKS, avgpool=DEFAULT_AVGPOOL,
-              has_tokens: bool = True) -> list[Setting]:
-    """All combinations; without tokens (non-ViT backbones) only the pooled output exists."""
+              has_tokens: bool = True, depth: int | None = None) -> list[Setting]:
+    """All combinations; without tokens (non-ViT backbones) only the pooled output exists, and a ViT of
+    ``depth`` blocks gives at most ``depth`` class tokens (larger n_last_blocks become ``depth``)."""
     if not has_tokens:
         n_last_blocks, avgpool = (1,), (False,)
+    elif depth is not None:
+        n_last_blocks = sorted({min(int(n), depth) for n in n_last_blocks})
     return [Setting(float(lr), int(n), bool(pool)) for n, pool, lr in itertools.product(n_last_blocks, avgpool, lrs)]
 
 
@@ -84,8 +87,9 @@ class LinearGrid(nn.Module):
         return logits
 
     def param_groups(self, lr_scale: float) -> list[dict]:
-        """One SGD parameter group per head with its own peak lr (``lr`` x ``lr_scale``)."""
-        return [{"params": list(head.parameters()), "lr": setting.lr * lr_scale, "peak_lr": setting.lr * lr_scale}
+        """One SGD parameter group per head with its own peak lr (``lr_per_256`` x ``lr_scale``)."""
+        return [{"params": list(head.parameters()), "lr": setting.lr_per_256 * lr_scale,
+                 "peak_lr": setting.lr_per_256 * lr_scale}
                 for setting, head in zip(self.settings, self.heads)]
 
 

@@ -22,6 +22,7 @@ from submitit.slurm.slurm import _make_sbatch_string
 
 from launchers.filesystems import shared_fs_warning
 from ssd.config import save_config
+from ssd.engine.machine import AUTO_WORKERS_CAP
 
 CODE_ROOT = Path(__file__).resolve().parent.parent  # the folder holding launchers/ and ssd/
 
@@ -59,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     cluster.add_argument("--tasks-per-node", type=int, default=None,
                          help="processes per node (default: one per GPU, 1 without GPUs)")
     cluster.add_argument("--cpus-per-task", type=int, default=None,
-                         help="CPU cores per task (default: data.num_workers + 1 for training, else 1)")
+                         help="CPU cores per task (default: data.num_workers + 1 for training (11 when it is -1), else 1)")
     cluster.add_argument("--mem-gb", type=float, default=None, help="memory per node in GB (default: the cluster's)")
     cluster.add_argument("--partition", default=None)
     cluster.add_argument("--account", default=None)
@@ -156,7 +157,10 @@ def prepare_training(args: argparse.Namespace) -> tuple:
     run_dir = Path(cfg.output.root) / cfg.output.run_name
     check_data_root(cfg.data)
     check_resume(cfg, run_dir)
-    cpus = args.cpus_per_task or cfg.data.num_workers + 1  # the data loader's workers plus the training loop
+    # The data loader's workers plus the training loop; with data.num_workers=-1 the job asks for the workers the
+    # auto rule would pick on a large node, and each task then uses the cores SLURM gave it.
+    workers = cfg.data.num_workers if cfg.data.num_workers >= 0 else AUTO_WORKERS_CAP
+    cpus = args.cpus_per_task or workers + 1
     return cfg, run_dir, cpus, TrainJob(to_dict(cfg))
 
 

@@ -89,7 +89,7 @@ class DataConfig:
     # they are decoded: a 20 KB PNG can decode to 169 megapixels (1.7 GB per worker). ImageNet's largest image is
     # about 20 megapixels; raise it for large photos or remote sensing.
     max_image_pixels: int = 50_000_000
-    num_workers: int = 8
+    num_workers: int = -1  # loader processes per training process; -1: the cores of this machine / processes - 1
     mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
     std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
 
@@ -104,6 +104,14 @@ class CropsConfig:
     # DINOv3: the Gram teacher also gets each global crop (same box and flip, no colour changes) at this size,
     # larger than global_size, and its patch features are pooled to the student's grid. 0: the student's crops.
     gram_teacher_size: int = 0
+    # DINO's photo augmentations, per crop (the defaults are the paper's). Other data may need others: a flipped
+    # digit is another shape, and colour changes do nothing on grey images. 0 leaves a step out.
+    flip_probability: float = 0.5
+    color_jitter_probability: float = 0.8
+    grayscale_probability: float = 0.2
+    blur_probabilities: list[float] = field(default_factory=lambda: [1.0, 0.1, 0.5])  # global 1, global 2, local
+    solarize_probability: float = 0.2  # global crop 2 only
+    rotation_degrees: float = 0.0  # each crop turned by a random angle within +-this (0: none, as in DINO)
 
 
 @dataclass
@@ -132,6 +140,8 @@ class TrainConfig:
     grad_accum_steps: int = 1
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16
     compile: bool = False
+    # Measure the memory a step needs before training and refuse a run that cannot fit (with the batch that fits)
+    memory_check: bool = True
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
     resume: bool = True  # continue from the newest valid checkpoint in the run folder, if any
@@ -164,6 +174,10 @@ class LogConfig:
     every_steps: int = 10
     tensorboard: bool = True
     progress_bar: bool = True
+    # Attention maps and patch PCA of images_count fixed training images, at the eval sizes, into TensorBoard
+    # every images_every_steps steps and at the end (0: never). A glance tells whether features are forming.
+    images_every_steps: int = 0
+    images_count: int = 4
 
 
 @dataclass
@@ -171,6 +185,10 @@ class EvalConfig:
     knn: bool = False  # after training: k-NN of frozen teacher features vs. random init vs. raw pixels
     knn_k: list[int] = field(default_factory=lambda: [10, 20, 100, 200])
     knn_temperature: float = 0.07
+    # During training: the teacher's k-NN (no baselines) at the end of every N-th epoch, into metrics.jsonl and
+    # TensorBoard (0: never). It costs one pass over both splits: cap them with knn_limit on large data sets.
+    knn_every_epochs: int = 0
+    knn_limit: int = 0  # images per split for knn_every_epochs, class-balanced (0: all)
     test_split: str = "test"
     resize_size: int = 256
     crop_size: int = 224
@@ -340,6 +358,10 @@ def validate(cfg: DictConfig) -> None:
         if not 0 < smallest <= largest <= 1:
             raise ConfigError(f"config key '{key}' is [{smallest}, {largest}]; it needs 0 < min <= max <= 1 "
                               f"(fractions of the image area), e.g. {key}=[0.4,1.0]")
+    blur = list(cfg.crops.blur_probabilities)
+    if len(blur) != 3 or not all(0 <= p <= 1 for p in blur):
+        raise ConfigError(f"config key 'crops.blur_probabilities' is {blur}; it needs three probabilities in [0, 1] "
+                          "(global crop 1, global crop 2, local crops), e.g. crops.blur_probabilities=[1.0,0.1,0.5]")
     low, high = cfg.method.mask_ratio
     if not 0 <= low <= high < 1:
         raise ConfigError(f"config key 'method.mask_ratio' is [{low}, {high}]; it needs 0 <= min <= max < 1 "
@@ -350,6 +372,9 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError("train.overwrite=true deletes the run folder's checkpoints: it needs train.resume=false "
                           "too, to say that starting over is meant")
     _check_patch_multiples(cfg)
+    if cfg.log.images_every_steps and not cfg.log.tensorboard:
+        raise ConfigError(f"log.images_every_steps={cfg.log.images_every_steps} draws images into TensorBoard, which "
+                          "log.tensorboard=false turns off: set log.tensorboard=true or log.images_every_steps=0")
     if cfg.crops.gram_teacher_size and cfg.method.name != "dinov3":
         raise ConfigError(f"crops.gram_teacher_size is for DINOv3's Gram teacher; method.name={cfg.method.name} has "
                           "none: set it to 0")
@@ -364,6 +389,7 @@ RANGES = [
     ("train.epochs", 0, INF, False), ("train.max_steps", 0, INF, False),
     ("checkpoint.every_steps", 1, INF, False), ("checkpoint.keep", 0, INF, False),
     ("checkpoint.max_abs_weight", 0, INF, True), ("log.every_steps", 1, INF, False),
+    ("log.images_every_steps", 0, INF, False), ("log.images_count", 1, INF, False),
     ("optim.base_lr", 0, INF, True), ("optim.min_lr", 0, INF, False), ("optim.lr_reference_batch", 1, INF, False),
     ("optim.warmup_epochs", 0, INF, False), ("optim.weight_decay", 0, INF, False),
     ("optim.weight_decay_end", 0, INF, False), ("optim.clip_grad", 0, INF, False),
@@ -382,9 +408,13 @@ RANGES = [
     ("model.num_registers", 0, INF, False), ("head.out_dim", 1, INF, False), ("head.hidden_dim", 1, INF, False),
     ("head.bottleneck_dim", 1, INF, False), ("head.nlayers", 1, INF, False),
     ("crops.global_size", 1, INF, False), ("crops.local_size", 1, INF, False), ("crops.local_number", 0, INF, False),
-    ("data.num_workers", 0, INF, False), ("data.holdout_fraction", 0, 1, True),
+    ("crops.flip_probability", 0, 1, False), ("crops.color_jitter_probability", 0, 1, False),
+    ("crops.grayscale_probability", 0, 1, False), ("crops.solarize_probability", 0, 1, False),
+    ("crops.rotation_degrees", 0, 180, False),
+    ("data.num_workers", -1, INF, False), ("data.holdout_fraction", 0, 1, True),
     ("data.max_image_pixels", 1, INF, False), ("eval.batch_size", 1, INF, False),
     ("eval.knn_temperature", 0, INF, True), ("eval.resize_size", 1, INF, False), ("eval.crop_size", 1, INF, False),
+    ("eval.knn_every_epochs", 0, INF, False), ("eval.knn_limit", 0, INF, False),
 ]
 
 
@@ -417,7 +447,7 @@ def _check_patch_multiples(cfg: DictConfig) -> None:
         return
     sizes = ["crops.global_size"] + (["crops.local_size"] if cfg.crops.local_number else [])
     sizes += ["crops.gram_teacher_size"] if cfg.crops.gram_teacher_size else []
-    sizes += ["eval.crop_size"] if cfg.eval.knn else []
+    sizes += ["eval.crop_size"] if cfg.eval.knn or cfg.eval.knn_every_epochs else []
     for key in sizes:
         size = OmegaConf.select(cfg, key)
         if size % patch:

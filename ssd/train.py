@@ -61,6 +61,12 @@ def build_transform(cfg) -> MultiCropAugmentation:
         mean=tuple(cfg.data.mean),
         std=tuple(cfg.data.std),
         gram_teacher_size=crops.gram_teacher_size,
+        flip_probability=crops.flip_probability,
+        color_jitter_probability=crops.color_jitter_probability,
+        grayscale_probability=crops.grayscale_probability,
+        blur_probabilities=tuple(crops.blur_probabilities),
+        solarize_probability=crops.solarize_probability,
+        rotation_degrees=crops.rotation_degrees,
     )
 
 
@@ -92,7 +98,7 @@ def run_summary(result: dict) -> str:
     minutes, seconds = divmod(int(result["seconds"]), 60)
     line = (f"summary: {result['steps_done']} steps in {minutes} min {seconds:02d} s, "
             f"{result['images_per_second']:.1f} images/s, final loss {result['final_loss']:.4f}")
-    knn = result.get("knn", {}).get("trained teacher", {})
+    knn = result.get("knn", {}).get("results", {}).get("trained teacher", {})
     if knn:
         k = "k=20" if "k=20" in knn else next(iter(knn))  # the k the printed table shows
         line += f", k-NN top-1 {knn[k]['top1']:.2f}% ({k})"

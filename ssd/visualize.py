@@ -1,75 +1,107 @@
-"""Visual checks of a ViT backbone: what DINO and DINOv2 show in their papers.
+"""Visual checks of a backbone: what DINO and DINOv2 show in their papers.
 
-- the last block's attention from the CLS token to every patch, one map per head (DINO, Fig. 1);
-- a 3-component PCA of the patch features shown as RGB, fitted over all images together (DINOv2, Fig. 1).
+- the last block's attention from the CLS token to every patch, one map per head (DINO, Fig. 1), for ViTs
+  (timm VisionTransformer and Eva, the DINOv3 RoPE models); other backbones (ResNet, ConvNeXt) have none;
+- a 3-component PCA of the patch features shown as RGB, fitted over all images together (DINOv2, Fig. 1);
+  for a CNN, of its last feature map.
 
-    python -m ssd.visualize checkpoints/my_run img1.jpg img2.jpg --out visuals/ --size 224
+Maps are computed at the model's own input size (the run's eval resize / crop, an export's input size), then
+enlarged nearest-neighbour so that every patch stays a sharp square: a 32 px digit with 8 px patches is drawn
+at 224 px. Each tile is labelled (image name, head, PCA), each picture with its weights and step.
 
-writes ``attention.png`` (a row per image: the image, then one map per head) and ``pca.png`` (image | PCA).
-``log_to_tensorboard(writer, backbone, images, step)`` logs the same two grids from a training loop.
+    python -m ssd.visualize checkpoints/my_run img1.jpg img2.jpg --output visuals/
+
+writes visuals/attention_<weights>_step<N>.png (a row per image: the image, then one map per head) and
+visuals/pca_<weights>_step<N>.png (image | PCA). log.images_every_steps=N draws the same pictures of a few
+fixed training images into TensorBoard while a run trains (see ``TrainingImages``).
 """
 
 from __future__ import annotations
 
 import argparse
+import math
+import re
 import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from PIL import Image, ImageDraw
+from timm.models.eva import Eva
 from timm.models.vision_transformer import VisionTransformer
-from torchvision.utils import make_grid, save_image
+from torchvision.transforms.functional import pil_to_tensor, to_pil_image
+from torchvision.utils import make_grid
 
 from ssd.cli import run_command
 
-
-def _check_vit(backbone) -> VisionTransformer:
-    if not isinstance(backbone, VisionTransformer):
-        raise TypeError(f"visual checks need a timm VisionTransformer backbone, not {type(backbone).__name__}")
-    return backbone
+DISPLAY_SIZE = 224  # shorter side of a drawn tile, at least; small inputs are enlarged by a whole factor
+PADDING = 2
+TITLE_HEIGHT = 16
 
 
-def _patch_grid(backbone: VisionTransformer, images: torch.Tensor) -> tuple[int, int]:
-    patch_h, patch_w = backbone.patch_embed.patch_size
-    return images.shape[-2] // patch_h, images.shape[-1] // patch_w
+def has_attention(backbone) -> bool:
+    return isinstance(backbone, (VisionTransformer, Eva))
+
+
+def _patch_grid(backbone, images: torch.Tensor) -> tuple[int, int]:
+    return tuple(backbone.patch_embed.dynamic_feat_size(images.shape[-2:]))
 
 
 @torch.no_grad()
 def cls_attention(backbone, images: torch.Tensor) -> torch.Tensor:
     """Last block's CLS-to-patch attention, (B, heads, h, w); registers are left out, each map sums to <= 1."""
-    backbone = _check_vit(backbone)
+    if not has_attention(backbone):
+        raise TypeError(f"{type(backbone).__name__} has no attention: attention maps need a ViT (timm "
+                        "VisionTransformer or Eva); the PCA of its feature map (pca_rgb) still works")
     attention = backbone.blocks[-1].attn
-    captured = {}
-    # timm computes attention with a fused kernel that never materialises the weights, so the block's input is
-    # captured and the softmax(q k^T) recomputed from the same projections.
-    handle = attention.register_forward_pre_hook(lambda module, args: captured.setdefault("x", args[0]))
+    captured = []
+    # The fused kernel never materialises the weights. The unfused path (same maths, RoPE included for Eva)
+    # passes them through attn_drop, an identity in eval mode, where a hook reads them.
+    fused = attention.fused_attn
+    attention.fused_attn = False
+    handle = attention.attn_drop.register_forward_hook(lambda module, args, output: captured.append(output))
     try:
-        backbone.eval()(images)
+        # forward_features, not the module's call: a module compiled for training (train.compile) would compile
+        # this one-off pass again; its methods stay plain Python.
+        backbone.eval().forward_features(images)
     finally:
         handle.remove()
-    tokens = captured["x"]  # (B, N, D), N = prefix tokens + patches
-    batch, num_tokens, _ = tokens.shape
-    qkv = attention.qkv(tokens).reshape(batch, num_tokens, 3, attention.num_heads, attention.head_dim)
-    q, k = attention.q_norm(qkv[:, :, 0].transpose(1, 2)), attention.k_norm(qkv[:, :, 1].transpose(1, 2))
-    weights = ((q[:, :, :1] * attention.scale) @ k.transpose(-2, -1)).softmax(dim=-1)  # (B, heads, 1, N)
+        attention.fused_attn = fused
+    weights = captured[0]  # (B, heads, N, N), N = prefix tokens + patches
     h, w = _patch_grid(backbone, images)
-    return weights[:, :, 0, backbone.num_prefix_tokens:].reshape(batch, attention.num_heads, h, w)
+    return weights[:, :, 0, backbone.num_prefix_tokens:].reshape(len(images), -1, h, w)
+
+
+@torch.no_grad()
+def patch_features(backbone, images: torch.Tensor) -> torch.Tensor:
+    """The last layer's features on the patch grid, (B, D, h, w): a ViT's patch tokens (CLS and registers left
+    out) or a CNN's last feature map."""
+    features = backbone.eval().forward_features(images)
+    if features.dim() == 4:
+        # Most timm CNNs give (B, C, h, w); a few (Swin, some ConvNeXt variants) give channels last.
+        channels_last = features.shape[-1] == backbone.num_features and features.shape[1] != backbone.num_features
+        return features.permute(0, 3, 1, 2) if channels_last else features
+    if features.dim() != 3 or not has_attention(backbone):
+        raise TypeError(f"{type(backbone).__name__}.forward_features gives shape {tuple(features.shape)}, neither "
+                        "ViT tokens nor a feature map: no PCA picture for it")
+    h, w = _patch_grid(backbone, images)
+    patches = features[:, backbone.num_prefix_tokens:]  # (B, h*w, D)
+    return patches.transpose(1, 2).reshape(len(images), -1, h, w)
 
 
 @torch.no_grad()
 def pca_rgb(backbone, images: torch.Tensor) -> torch.Tensor:
     """Patch features projected on their 3 first principal components (fitted on all images at once, so
     colours are comparable across images), each scaled to [0, 1]: (B, 3, h, w)."""
-    backbone = _check_vit(backbone)
-    tokens = backbone.eval().forward_features(images)[:, backbone.num_prefix_tokens:]  # (B, h*w, D)
-    batch, num_patches, dim = tokens.shape
-    flat = tokens.reshape(-1, dim).float()
+    features = patch_features(backbone, images).float()  # (B, D, h, w)
+    batch, dim, h, w = features.shape
+    flat = features.permute(0, 2, 3, 1).reshape(-1, dim)
     flat = flat - flat.mean(dim=0)
     _, _, components = torch.linalg.svd(flat, full_matrices=False)  # rows of components: principal axes
-    projected = flat @ components[:3].T  # (B*h*w, 3)
+    projected = flat @ components[:3].T  # (B*h*w, <=3): fewer when a 1x1 map leaves fewer samples
+    projected = F.pad(projected, (0, 3 - projected.shape[1]))
     low, high = projected.min(dim=0).values, projected.max(dim=0).values
     projected = (projected - low) / (high - low).clamp_min(1e-8)
-    h, w = _patch_grid(backbone, images)
     return projected.reshape(batch, h, w, 3).permute(0, 3, 1, 2)
 
 
@@ -83,70 +115,187 @@ def displayable(images: torch.Tensor, mean=None, std=None) -> torch.Tensor:
     return (images - low) / (high - low).clamp_min(1e-8)
 
 
-def _upsample(maps: torch.Tensor, size) -> torch.Tensor:
-    return F.interpolate(maps, size=size, mode="nearest")  # nearest: one visible square per patch
+def _nearest(maps: torch.Tensor, size) -> torch.Tensor:
+    return F.interpolate(maps, size=tuple(size), mode="nearest")  # nearest: one sharp square per patch
 
 
-def attention_grid(backbone, images: torch.Tensor, mean=None, std=None) -> torch.Tensor:
-    """(3, H', W') image grid: a row per image, the image then each head's map (scaled to [0, 1] per map)."""
-    maps = cls_attention(backbone, images).float()  # (B, heads, h, w)
+def attention_tiles(backbone, images: torch.Tensor, mean=None, std=None) -> torch.Tensor:
+    """(B, 1 + heads, 3, H, W) in [0, 1]: each image, then each head's map scaled to [0, 1] per map."""
+    maps = cls_attention(backbone, images).float().cpu()  # (B, heads, h, w)
     low = maps.amin(dim=(2, 3), keepdim=True)
     maps = (maps - low) / (maps.amax(dim=(2, 3), keepdim=True) - low).clamp_min(1e-12)
-    maps = _upsample(maps, images.shape[-2:]).unsqueeze(2).expand(-1, -1, 3, -1, -1)  # (B, heads, 3, H, W)
-    rows = torch.cat([displayable(images.float(), mean, std).unsqueeze(1), maps], dim=1)
-    return make_grid(rows.flatten(0, 1).cpu(), nrow=rows.shape[1], padding=2, pad_value=1.0)
+    maps = _nearest(maps, images.shape[-2:]).unsqueeze(2).expand(-1, -1, 3, -1, -1)
+    return torch.cat([displayable(images.float().cpu(), mean, std).unsqueeze(1), maps], dim=1)
 
 
-def pca_grid(backbone, images: torch.Tensor, mean=None, std=None) -> torch.Tensor:
-    """(3, H', W') image grid: a row per image, the image then its patch-feature PCA as RGB."""
-    colours = _upsample(pca_rgb(backbone, images), images.shape[-2:])
-    rows = torch.stack([displayable(images.float(), mean, std), colours], dim=1)  # (B, 2, 3, H, W)
-    return make_grid(rows.flatten(0, 1).cpu(), nrow=2, padding=2, pad_value=1.0)
+def pca_tiles(backbone, images: torch.Tensor, mean=None, std=None) -> torch.Tensor:
+    """(B, 2, 3, H, W) in [0, 1]: each image, then its patch-feature PCA as RGB."""
+    colours = _nearest(pca_rgb(backbone, images).cpu(), images.shape[-2:])
+    return torch.stack([displayable(images.float().cpu(), mean, std), colours], dim=1)
+
+
+def _fit_text(draw: ImageDraw.ImageDraw, text: str, width: float) -> str:
+    """``text`` cut from the left (a path's end says most) until it fits ``width`` pixels."""
+    while text and draw.textlength(text) > width:
+        text = "..." + text[4:]
+    return text
+
+
+def _label(draw: ImageDraw.ImageDraw, corner: tuple[int, int], text: str, width: int) -> None:
+    """White text on a black box, readable on a white digit as on a dark attention map."""
+    text = _fit_text(draw, text, width - 4)
+    box = draw.textbbox((corner[0] + 2, corner[1] + 1), text)
+    draw.rectangle((corner[0], corner[1], box[2] + 2, box[3] + 2), fill="black")
+    draw.text((corner[0] + 2, corner[1] + 1), text, fill="white")
+
+
+def labelled_picture(tiles: torch.Tensor, labels: list[list[str]], title: str,
+                     display_size: int = DISPLAY_SIZE) -> Image.Image:
+    """A grid of ``tiles`` (rows, columns, 3, H, W) in [0, 1], enlarged by a whole factor so that the shorter
+    side reaches ``display_size``, each tile labelled, ``title`` above."""
+    rows, columns = tiles.shape[:2]
+    factor = max(1, math.ceil(display_size / min(tiles.shape[-2:])))
+    enlarged = F.interpolate(tiles.flatten(0, 1), scale_factor=factor, mode="nearest")
+    grid = to_pil_image(make_grid(enlarged, nrow=columns, padding=PADDING, pad_value=1.0))
+    picture = Image.new("RGB", (grid.width, grid.height + TITLE_HEIGHT), "white")
+    picture.paste(grid, (0, TITLE_HEIGHT))
+    draw = ImageDraw.Draw(picture)
+    draw.text((PADDING, 2), _fit_text(draw, title, grid.width - 2 * PADDING), fill="black")
+    height, width = enlarged.shape[-2:]
+    for row in range(rows):
+        for column in range(columns):
+            corner = (PADDING + column * (width + PADDING), TITLE_HEIGHT + PADDING + row * (height + PADDING))
+            _label(draw, corner, labels[row][column], width)
+    return picture
+
+
+def attention_picture(backbone, images, names: list[str], title: str, mean=None, std=None,
+                      display_size: int = DISPLAY_SIZE) -> Image.Image:
+    tiles = attention_tiles(backbone, images, mean, std)
+    labels = [[name] + [f"head {head}" for head in range(tiles.shape[1] - 1)] for name in names]
+    return labelled_picture(tiles, labels, f"CLS attention, last block | {title}", display_size)
+
+
+def pca_picture(backbone, images, names: list[str], title: str, mean=None, std=None,
+                display_size: int = DISPLAY_SIZE) -> Image.Image:
+    labels = [[name, "PCA"] for name in names]
+    return labelled_picture(pca_tiles(backbone, images, mean, std), labels, f"patch PCA | {title}", display_size)
+
+
+def pictures(backbone, images, names, title, mean=None, std=None, display_size=DISPLAY_SIZE) -> dict:
+    """``{"attention": picture, "pca": picture}``; no attention entry for a backbone without attention."""
+    drawn = {"pca": pca_picture(backbone, images, names, title, mean, std, display_size)}
+    if has_attention(backbone):
+        drawn["attention"] = attention_picture(backbone, images, names, title, mean, std, display_size)
+    return drawn
 
 
 def log_to_tensorboard(writer, backbone, images: torch.Tensor, step: int, mean=None, std=None,
-                       tag: str = "visual") -> None:
-    """Log the attention and PCA grids of ``images`` (normalised model inputs, (B, 3, H, W)) at ``step``.
-
-    The backbone is put in eval mode for the pass and given back in the mode it was in.
-    """
+                       names: list[str] | None = None, title: str = "", tag: str = "visual") -> list[str]:
+    """Log the attention and PCA pictures of ``images`` (normalised model inputs, (B, 3, H, W)) at ``step``;
+    returns the tags written. The backbone is put in eval mode for the pass and given back in its mode."""
     was_training = backbone.training
+    names = names or [f"image {index}" for index in range(len(images))]
     try:
-        device = next(backbone.parameters()).device
-        images = images.to(device)
-        writer.add_image(f"{tag}/cls_attention", attention_grid(backbone, images, mean, std), step)
-        writer.add_image(f"{tag}/patch_pca", pca_grid(backbone, images, mean, std), step)
+        images = images.to(next(backbone.parameters()).device)
+        drawn = pictures(backbone, images, names, title or f"step {step}", mean, std)
     finally:
         backbone.train(was_training)
+    tags = {"attention": f"{tag}/cls_attention", "pca": f"{tag}/patch_pca"}
+    for kind, picture in drawn.items():
+        writer.add_image(tags[kind], pil_to_tensor(picture), step)  # uint8 (3, H, W)
+    return [tags[kind] for kind in drawn]
+
+
+class TrainingImages:
+    """A few fixed training images (evenly spread indices), through the eval transform at the run's eval sizes,
+    drawn into TensorBoard every ``log.images_every_steps`` steps and at the last step.
+
+    Reading the images and drawing them uses no random number generator, and the backbone runs in eval mode
+    without gradients, so a run with images trains exactly as one without.
+    """
+
+    def __init__(self, cfg, dataset):
+        from ssd.data import UnreadableImageError, eval_transform
+
+        self.every = int(cfg.log.images_every_steps)
+        self.mean, self.std = tuple(cfg.data.mean), tuple(cfg.data.std)
+        transform = eval_transform(cfg.eval.resize_size, cfg.eval.crop_size, self.mean, self.std)
+        count = min(int(cfg.log.images_count), len(dataset))
+        images, self.names = [], []
+        for index in sorted({position * len(dataset) // count for position in range(count)}):
+            try:
+                image, _ = dataset.load(index)
+            except UnreadableImageError:
+                continue  # another fixed image will do; the data loader reports unreadable files itself
+            images.append(transform(image))
+            self.names.append(dataset.describe(index))
+        self.images = torch.stack(images) if images else None
+
+    def due(self, step: int, last: bool) -> bool:
+        return self.images is not None and (step % self.every == 0 or last)
+
+    def log(self, writer, backbone, step: int) -> None:
+        log_to_tensorboard(writer, backbone, self.images, step, self.mean, self.std, self.names,
+                           title=f"step {step}")
+
+
+# ---- command line ----------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    from eval_protocols.common import HelpFormatter, add_model_args
+
+    parser = argparse.ArgumentParser(prog="python -m ssd.visualize", description=__doc__,
+                                     formatter_class=HelpFormatter)
+    add_model_args(parser)
+    parser.add_argument("images", nargs="+", help="image files")
+    parser.add_argument("--output", default="visuals", help="folder for the attention_*.png and pca_*.png pictures")
+    parser.add_argument("--out", dest="output", default=argparse.SUPPRESS, help=argparse.SUPPRESS)  # older spelling
+    parser.add_argument("--resize", type=int, default=None,
+                        help="shorter side before the centre crop (default: what the weights record, else 256)")
+    parser.add_argument("--crop", type=int, default=None,
+                        help="centre crop, the model's input size (default: what the weights record, else 224)")
+    parser.add_argument("--size", type=int, default=None, help=argparse.SUPPRESS)  # older spelling: resize = crop
+    parser.add_argument("--display-size", type=int, default=DISPLAY_SIZE,
+                        help="tiles are enlarged (nearest neighbour, by a whole factor) to at least this many pixels")
+    return parser
+
+
+def weights_title(info: dict, which: str) -> tuple[str, str]:
+    """``(title, file stem)`` naming the weights: run or export folder, teacher/student, step."""
+    path = Path(info["file"])
+    export = path.suffix == ".safetensors"
+    # A checkpoint or an export is known by its folder (the run's name); official weights by their file.
+    name = path.parent.name if export or path.name.startswith("checkpoint_") else path.stem
+    step = info.get("step")
+    title = f"{'export' if export else which} {path.parent.name}/{path.name}"
+    title += f", step {step}" if step is not None else ""
+    stem = "_".join([name] + ([] if export else [which]) + ([f"step{step}"] if step is not None else []))
+    return title, re.sub(r"[^A-Za-z0-9._-]+", "-", stem)
 
 
 def main(argv=None) -> list[Path]:
-    parser = argparse.ArgumentParser(prog="python -m ssd.visualize", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("weights", help="run folder, ssd checkpoint, ssd export, or official weights (+ --arch)")
-    parser.add_argument("images", nargs="+", help="image files")
-    parser.add_argument("--out", default="visuals", help="output folder for attention.png and pca.png")
-    parser.add_argument("--which", choices=("teacher", "student"), default="teacher")
-    parser.add_argument("--size", type=int, default=None,
-                        help="images are resized and centre-cropped to this (default: the weights' eval crop, else 224)")
-    parser.add_argument("--arch", default=None, help="timm architecture, for official weights only")
-    parser.add_argument("--img-size", type=int, default=224)
-    parser.add_argument("--patch-size", type=int, default=0)
-    args = parser.parse_args(argv)
-
-    from ssd.checkpoint_import import load_backbone_for_eval
+    args = build_parser().parse_args(argv)
+    from eval_protocols.common import default_device, load_backbone
     from ssd.data import eval_transform, load_rgb
 
-    official = {"arch": args.arch, "img_size": args.img_size, "patch_size": args.patch_size} if args.arch else None
-    backbone, info = load_backbone_for_eval(args.weights, args.which, official)
-    args.size = args.size or info.get("crop") or 224
-    transform = eval_transform(args.size, args.size, info["mean"], info["std"])
+    args.resize, args.crop = args.resize or args.size, args.crop or args.size
+    backbone, info = load_backbone(args)  # fills in --resize / --crop from the weights and says which it uses
+    transform = eval_transform(args.resize, args.crop, info["mean"], info["std"])
     images = torch.stack([transform(load_rgb(path)) for path in args.images])
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    written = [out / "attention.png", out / "pca.png"]
-    save_image(attention_grid(backbone, images, info["mean"], info["std"]), written[0])
-    save_image(pca_grid(backbone, images, info["mean"], info["std"]), written[1])
+    backbone = backbone.to(default_device(args.device))
+    title, stem = weights_title(info, args.which)
+    title += f", input {args.crop} px"
+    if not has_attention(backbone):
+        print(f"{info['model']['arch']} ({type(backbone).__name__}) is not a ViT and has no attention: no attention "
+              "maps; the PCA picture shows its last feature map")
+    drawn = pictures(backbone, images.to(next(backbone.parameters()).device), [Path(p).name for p in args.images],
+                     title, info["mean"], info["std"], args.display_size)
+    output = Path(args.output)
+    output.mkdir(parents=True, exist_ok=True)
+    written = []
+    for kind, picture in sorted(drawn.items()):
+        written.append(output / f"{kind}_{stem}.png")
+        picture.save(written[-1])
     print("wrote " + ", ".join(str(path) for path in written))
     return written
 

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from eval_protocols import knn, linear
-from eval_protocols.linear import select_and_test, split_train_val, train_grid
 from eval_protocols.linear_heads import LinearGrid, Setting, linear_input, make_grid
+from eval_protocols.linear_training import cached_batches, select_and_test, split_train_val, train_grid
 
 
 def test_validation_split_is_stratified_disjoint_and_seeded():
@@ -45,7 +45,7 @@ def test_linear_input_concatenates_like_dinov2():
 
 def test_heads_trained_together_equal_heads_trained_alone():
     outputs, labels = synthetic_tokens(64, 1)
-    batches = linear.cached_batches(outputs, labels, batch_size=16, seed=0)
+    batches = cached_batches(outputs, labels, batch_size=16, seed=0)
     settings = [Setting(0.5, 1, False), Setting(0.1, 4, True)]
     torch.manual_seed(0)
     together = LinearGrid(settings, outputs, 3)
@@ -62,13 +62,13 @@ def test_best_setting_is_chosen_on_validation_and_reported_on_test():
     settings = make_grid(lrs=(1e-4, 1.0), n_last_blocks=(1, 4))
     torch.manual_seed(0)
     grid = LinearGrid(settings, train, 3)
-    train_grid(grid, linear.cached_batches(train, train_labels, 32, 0), epochs=20, steps_per_epoch=10,
+    train_grid(grid, cached_batches(train, train_labels, 32, 0), epochs=20, steps_per_epoch=10,
                lr_scale=1.0, device=torch.device("cpu"))
     report = select_and_test(grid, val, test, torch.device("cpu"))
     assert len(report["grid"]) == 8 and all("val_top1" in row for row in report["grid"])
     best = report["best"]
     assert best["val_top1"] == max(row["val_top1"] for row in report["grid"])
-    assert best["avgpool"] and best["lr"] == 1.0  # the only features that carry the class, a usable lr
+    assert best["avgpool"] and best["lr_per_256"] == 1.0  # the only features that carry the class, a usable lr
     assert best["test_top1"] > 80 and "test_top1" not in report["grid"][0]
 
 
@@ -109,8 +109,9 @@ def test_knn_and_fast_linear_commands_share_the_feature_cache(small_cifar, tiny_
               "--crop", "32", "--num-workers", "0", "--batch-size", "100", "--cache-dir", str(tmp_path / "cache")]
     knn.main(common + ["--ks", "5", "20", "--output", str(tmp_path / "knn.json")])
     knn_report = json.loads((tmp_path / "knn.json").read_text())
-    assert set(knn_report["results"]) == {"k=5", "k=20"} and knn_report["test_size"] == 100
-    assert 10 < knn_report["results"]["k=20"]["top1"] < 60  # random ViT on 400 images: above chance
+    knn_results = knn_report["results"]["trained teacher"]
+    assert set(knn_results) == {"k=5", "k=20"} and knn_report["test_size"] == 100
+    assert 10 < knn_results["k=20"]["top1"] < 60  # random ViT on 400 images: above chance
     cached = sorted((tmp_path / "cache").iterdir())
     assert len(cached) == 2  # train and test splits
 
@@ -118,14 +119,15 @@ def test_knn_and_fast_linear_commands_share_the_feature_cache(small_cifar, tiny_
                           "--output", str(tmp_path / "linear.json")])
     assert sorted((tmp_path / "cache").iterdir()) == cached  # reused, not re-extracted
     report = json.loads((tmp_path / "linear.json").read_text())
-    assert len(report["grid"]) == 8 and report["train_size"] == 360 and report["val_size"] == 40
-    assert report["best"]["name"] in {row["name"] for row in report["grid"]}
-    assert 0 <= report["best"]["test_top1"] <= 100 and report["mode"] == "fast"
+    result = report["results"]["trained teacher"]
+    assert len(result["grid"]) == 8 and report["train_size"] == 360 and report["val_size"] == 40
+    assert result["best"]["name"] in {row["name"] for row in result["grid"]}
+    assert 0 <= result["best"]["test_top1"] <= 100 and report["mode"] == "fast"
 
 
 def test_full_linear_protocol_runs_on_augmented_images(small_cifar, tiny_run, tmp_path):
     report = linear.main([str(tiny_run), "--dataset", "imagefolder", "--data-root", str(small_cifar), "--resize",
                           "32", "--crop", "32", "--num-workers", "0", "--batch-size", "64", "--mode", "full",
                           "--epochs", "1", "--lrs", "0.1", "--n-last-blocks", "1", "--avgpool", "off"])
-    assert [row["name"] for row in report["grid"]] == ["lr=0.1 blocks=1 avgpool=0"]
+    assert [row["name"] for row in report["results"]["trained teacher"]["grid"]] == ["lr=0.1 blocks=1 avgpool=0"]
     assert report["lr_scale"] == 0.25 and report["val_size"] == 40

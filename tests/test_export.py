@@ -16,7 +16,7 @@ from timm.models.vision_transformer import checkpoint_filter_fn
 from ssd.checkpoint_import import WeightsError, load_backbone_for_eval, load_backbone_weights
 from ssd.config import ModelConfig
 from ssd.engine.checkpoint import save_checkpoint
-from ssd.export import export_backbone, load_export, main
+from ssd.export import export_backbone, load_export, main, timm_crop_pct
 from ssd.models.backbone import build_backbone
 
 TINY = dict(arch="vit_tiny_patch16_224", img_size=32, patch_size=8, drop_path_rate=0.1)
@@ -27,12 +27,12 @@ def backbone(seed: int, **changes) -> torch.nn.Module:
     return build_backbone(ModelConfig(**{**TINY, "timm_kwargs": {"depth": 2}, **changes})).eval()
 
 
-def ssd_checkpoint(path, model_cfg: ModelConfig, teacher, student):
+def ssd_checkpoint(path, model_cfg: ModelConfig, teacher, student, evaluation: dict | None = None):
     method = {**{f"teacher.backbone.{k}": v for k, v in teacher.state_dict().items()},
               **{f"student.backbone.{k}": v for k, v in student.state_dict().items()},
               "teacher.head.last_layer.weight": torch.zeros(4, 3), "center": torch.zeros(1, 4)}
     config = {"model": dataclasses.asdict(model_cfg), "data": {"mean": [0.5, 0.4, 0.3], "std": [0.2, 0.2, 0.2]},
-              "method": {"name": "dino"}}
+              "method": {"name": "dino"}, "eval": evaluation or {}}
     return save_checkpoint(path, {"config": config, "step": 12, "epoch": 1, "method": method})
 
 
@@ -230,3 +230,107 @@ def test_official_dinov3_layout_loads_into_the_timm_rope_model(tmp_path):
     model = rope_vit(1)
     load_backbone_weights(model, tmp_path / "dinov3_checkpoint.pth", "teacher")
     assert all(torch.equal(model.state_dict()[k], v) for k, v in source.state_dict().items())
+
+
+# ---- the export describes ssd's own evaluation, and one timm line loads any export ---------------------------
+def exported_run(tmp_path, model_cfg: ModelConfig, evaluation: dict | None = None):
+    """``(run folder, export folder)`` of a one-checkpoint run of ``model_cfg`` (teacher and student differ)."""
+    teachers = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        teachers.append(build_backbone(model_cfg).eval())
+    run_dir = tmp_path / "run"
+    ssd_checkpoint(run_dir / "checkpoint_00000012.pt", model_cfg, *teachers, evaluation)
+    return run_dir, export_backbone(run_dir, tmp_path / "export")
+
+
+def load_as_readme_says(export_dir):
+    """The README's lines, word for word: the model and the transform timm builds from the export alone."""
+    model = timm.create_model(f"local-dir:{export_dir}", pretrained=True).eval()
+    transform = timm.data.create_transform(**timm.data.resolve_data_config({}, model=model))
+    return model, transform
+
+
+def photo_files(folder) -> list:
+    """Non-square photos-like files (smooth gradients and noise), PNG and JPEG, wider and taller than square."""
+    from PIL import Image
+
+    generator = torch.Generator().manual_seed(0)
+    files = []
+    for number, (width, height, suffix) in enumerate([(61, 45, "png"), (38, 70, "jpg"), (300, 260, "png")]):
+        ramp = torch.linspace(0, 1, width).view(1, 1, width) * torch.linspace(0.3, 1, height).view(1, height, 1)
+        pixels = (0.7 * ramp + 0.3 * torch.rand(3, height, width, generator=generator)).clamp(0, 1)
+        files.append(folder / f"photo{number}.{suffix}")
+        Image.fromarray((pixels.permute(1, 2, 0) * 255).byte().numpy()).save(files[-1])
+    return files
+
+
+def ssd_evaluation(run_dir, files):
+    """What ssd's protocols compute for ``files``: sizes resolved from the run, eval_transform, pooled features."""
+    from eval_protocols.common import resolve_sizes
+    from eval_protocols.features import backbone_outputs
+    from ssd.data import eval_transform, load_rgb
+
+    model, info = load_backbone_for_eval(run_dir)
+    args = argparse.Namespace(resize=None, crop=None, which="teacher")
+    resolve_sizes(args, info)
+    transform = eval_transform(args.resize, args.crop, info["mean"], info["std"])
+    pixels = [transform(load_rgb(file)) for file in files]
+    with torch.no_grad():
+        features = [backbone_outputs(model.eval(), image[None], "pooled")["pooled"] for image in pixels]
+    return pixels, features
+
+
+# (53, 40): crop / resize makes timm resize to 52, one pixel short, unless the crop fraction is nudged.
+@pytest.mark.parametrize("resize, crop", [(32, 32), (256, 224), (53, 40)])
+def test_timm_transform_and_features_equal_ssd_evaluation(tmp_path, resize, crop):
+    model_cfg = ModelConfig(**TINY, num_registers=1, timm_kwargs={"depth": 2})
+    run_dir, export_dir = exported_run(tmp_path, model_cfg, {"resize_size": resize, "crop_size": crop})
+    pretrained = json.loads((export_dir / "config.json").read_text())["pretrained_cfg"]
+    assert pretrained["input_size"] == [3, crop, crop] and pretrained["interpolation"] == "bicubic"
+    assert pretrained["crop_mode"] == "center" and pretrained["mean"] == [0.5, 0.4, 0.3]
+
+    files = photo_files(tmp_path)
+    expected_pixels, expected_features = ssd_evaluation(run_dir, files)
+    model, transform = load_as_readme_says(export_dir)
+    from PIL import Image
+
+    for file, ssd_pixels, ssd_features in zip(files, expected_pixels, expected_features):
+        with Image.open(file) as image:
+            pixels = transform(image.convert("RGB"))
+        assert pixels.shape == (3, crop, crop)
+        torch.testing.assert_close(pixels, ssd_pixels, rtol=0, atol=1e-6)
+        with torch.no_grad():
+            torch.testing.assert_close(model(pixels[None]), ssd_features, rtol=1e-5, atol=1e-5)
+
+
+def test_crop_fraction_gives_timm_the_exact_resize():
+    import math
+
+    for resize in range(1, 700, 3):
+        for crop in range(1, resize + 1, 5):
+            assert math.floor(crop / timm_crop_pct(resize, crop)) == resize, (resize, crop)
+    assert timm_crop_pct(256, 224) == 0.875 and timm_crop_pct(32, 32) == 1.0
+
+
+@pytest.mark.parametrize("model_cfg", [
+    ModelConfig(arch="vit_tiny_patch16_224", img_size=32, patch_size=8, num_registers=2, timm_kwargs={"depth": 2}),
+    ModelConfig(arch="vit_small_patch16_dinov3", img_size=32, patch_size=8, num_registers=2,
+                timm_kwargs={"depth": 2, "embed_dim": 64, "num_heads": 2}),
+    ModelConfig(arch="resnet10t", img_size=32),
+], ids=["vit-patch8-32px-registers", "eva-rope-dinov3", "resnet"])
+def test_readme_lines_load_any_export(tmp_path, model_cfg):
+    run_dir, export_dir = exported_run(tmp_path, model_cfg, {"resize_size": 36, "crop_size": 32})
+    model, transform = load_as_readme_says(export_dir)
+    teacher, _ = load_backbone_for_eval(run_dir)
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model(images), teacher.eval()(images), rtol=0, atol=0)
+    # The longer form, for code that reads config.json itself, builds the same model and transform.
+    config = json.loads((export_dir / "config.json").read_text())
+    overlay = dict(config["pretrained_cfg"], file=str(export_dir / "model.safetensors"))
+    explicit = timm.create_model(config["architecture"], pretrained=True, pretrained_cfg_overlay=overlay,
+                                 **config["model_args"]).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(explicit(images), model(images), rtol=0, atol=0)
+    assert timm.data.resolve_data_config({}, model=explicit) == timm.data.resolve_data_config({}, model=model)

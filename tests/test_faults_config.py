@@ -24,7 +24,7 @@ from tests.tiny import REPO, subprocess_env, tiny_overrides, train_command
     ("crops.global_size=30", "'crops.global_size' is 30, not a multiple of the patch size 8 of vit_tiny_patch16_224: "
                              "use 24 or 32"),
     ("crops.local_size=12", "'crops.local_size' is 12, not a multiple of the patch size 8"),
-    ("data.num_workers=-1", "'data.num_workers' is -1"),
+    ("data.num_workers=-2", "'data.num_workers' is -2"),  # -1 means: as many as the cores allow
     ("checkpoint.max_abs_weight=0", "'checkpoint.max_abs_weight'"),
     ("train.overwrite=true", "train.overwrite=true deletes the run folder's checkpoints: it needs train.resume=false"),
     ("crops.gram_teacher_size=64", "crops.gram_teacher_size is for DINOv3's Gram teacher; method.name=dino"),

@@ -109,7 +109,7 @@ def test_linear_probe_leaves_unreadable_images_out(folder_with_broken_images, ti
     assert "broken_train.jpg" in warned_files(caught) and "broken_test.png" in warned_files(caught)
     assert report["skipped_images"] == {"train": 1, "test": 1}
     assert report["train_size"] + report["val_size"] == 12 and report["test_size"] == 6
-    assert 0 <= report["best"]["test_top1"] <= 100
+    assert 0 <= report["results"]["trained teacher"]["best"]["test_top1"] <= 100
 
 
 def test_max_image_pixels_reaches_the_protocols(folder_with_broken_images, tiny_run):
@@ -129,7 +129,7 @@ def test_end_of_run_knn_report_skips_a_broken_test_image(folder_with_broken_imag
         report = knn_report(cfg, build_backbone(TINY), tmp_path, torch.device("cpu"))
     assert report["skipped_images"] == {"train": 1, "test": 1}
     assert json.loads((tmp_path / "knn.json").read_text())["skipped_images"] == {"train": 1, "test": 1}
-    assert 0 <= report["raw pixels"]["k=3"]["top1"] <= 100
+    assert 0 <= report["results"]["raw pixels"]["k=3"]["top1"] <= 100
     cfg.data.on_bad_image = "fail"
     with pytest.raises(UnreadableImageError, match=r"broken_train\.jpg.*data\.on_bad_image=skip"):
         knn_report(cfg, build_backbone(TINY), tmp_path, torch.device("cpu"))

@@ -23,9 +23,9 @@ def test_default_command_trains_and_beats_random_init():
     try:
         assert "run folder:" in result.stderr and str(run_dir.name) in result.stderr
         report = json.loads((run_dir / "knn.json").read_text())
-        trained = report["trained teacher"]["k=20"]["top1"]
-        random_init = report["random init (same arch)"]["k=20"]["top1"]
-        pixels = report["raw pixels"]["k=20"]["top1"]
+        trained = report["results"]["trained teacher"]["k=20"]["top1"]
+        random_init = report["results"]["random init (same arch)"]["k=20"]["top1"]
+        pixels = report["results"]["raw pixels"]["k=20"]["top1"]
         assert "trained teacher" in result.stdout and "raw pixels" in result.stdout
         assert "Loading faiss" not in result.stderr and "faiss.loader" not in result.stderr  # no library chatter
         assert pixels > 90.0

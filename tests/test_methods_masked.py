@@ -79,5 +79,6 @@ def test_digits_recipe_from_the_command_line_beats_random_init(tmp_path, method,
                             cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((tmp_path / "demo" / "knn.json").read_text())
-    trained, random_init = report["trained teacher"]["k=20"]["top1"], report["random init (same arch)"]["k=20"]["top1"]
+    results = report["results"]
+    trained, random_init = results["trained teacher"]["k=20"]["top1"], results["random init (same arch)"]["k=20"]["top1"]
     assert trained > random_init + margin, report

@@ -147,7 +147,7 @@ def test_knn_evaluation_job_writes_its_json(reference_run, slurm_cluster, tmp_pa
     state = slurm_cluster.wait_for_job(job_id, JOB_TIMEOUT_S)
     assert state == "COMPLETED", rank_log(job_dir, job_id)
     results = json.loads(report.read_text())
-    assert results["protocol"] == "knn" and "k=10" in results["results"]
+    assert results["protocol"] == "knn" and "k=10" in results["results"]["trained student"]
 
 
 def test_cancelled_job_saves_and_stays_cancelled(reference_run, slurm_cluster):

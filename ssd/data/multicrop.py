@@ -10,6 +10,10 @@ student only). The three pipelines differ only in crop size/scale, blur probabil
 
 All views share: horizontal flip p=0.5, ColorJitter(0.4, 0.4, 0.2, 0.1) with p=0.8, grayscale p=0.2.
 With `gram_teacher_size` (DINOv3), each global crop also comes at that size, same box and flip, unaltered.
+
+These are the defaults. The probabilities (flip, jitter, grayscale, per-view blur, solarize) are arguments, and a
+random rotation of each crop can be added, for data where DINO's photo recipe is wrong: a flipped digit is
+another shape, and colour changes do nothing on grey strokes. A probability of 0 leaves its step out.
 The transforms draw from torch's global RNG; `SeededCropsDataset` seeds it per sample for reproducibility.
 """
 
@@ -44,22 +48,36 @@ def _normalize(mean: Sequence[float], std: Sequence[float]) -> list:
     return [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std), v2.ToPureTensor()]
 
 
-def _photometric(size: int, blur_p: float, solarize_p: float) -> list:
-    steps = [
-        v2.RandomApply([v2.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)], p=0.8),
-        v2.RandomGrayscale(p=0.2),
-        v2.RandomApply([v2.GaussianBlur(blur_kernel_size(size), sigma=BLUR_SIGMA)], p=blur_p),
-    ]
+def _photometric(size: int, blur_p: float, solarize_p: float, jitter_p: float = 0.8, grayscale_p: float = 0.2
+                 ) -> list:
+    steps = []
+    if jitter_p > 0:
+        steps.append(v2.RandomApply([v2.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)],
+                                    p=jitter_p))
+    if grayscale_p > 0:
+        steps.append(v2.RandomGrayscale(p=grayscale_p))
+    if blur_p > 0:
+        steps.append(v2.RandomApply([v2.GaussianBlur(blur_kernel_size(size), sigma=BLUR_SIGMA)], p=blur_p))
     if solarize_p > 0:
         steps.append(v2.RandomSolarize(threshold=SOLARIZE_THRESHOLD, p=solarize_p))
     return steps
 
 
-def _view_pipeline(
-    size: int, scale: tuple[float, float], blur_p: float, solarize_p: float, mean, std
-) -> v2.Compose:
-    geometry = [v2.RandomResizedCrop(size, scale=scale, interpolation=BICUBIC), v2.RandomHorizontalFlip(p=0.5)]
-    return v2.Compose(geometry + _photometric(size, blur_p, solarize_p) + _normalize(mean, std))
+def _geometry(size: int, scale: tuple[float, float], flip_p: float, rotation_degrees: float) -> list:
+    """Crop, then turn the crop by up to +-rotation_degrees (corners filled with black), then flip."""
+    steps = [v2.RandomResizedCrop(size, scale=scale, interpolation=BICUBIC)]
+    if rotation_degrees > 0:
+        steps.append(v2.RandomRotation(rotation_degrees, interpolation=v2.InterpolationMode.BILINEAR))
+    if flip_p > 0:
+        steps.append(v2.RandomHorizontalFlip(p=flip_p))
+    return steps
+
+
+def _view_pipeline(size: int, scale: tuple[float, float], blur_p: float, solarize_p: float, mean, std,
+                   choices: dict) -> v2.Compose:
+    geometry = _geometry(size, scale, choices["flip_p"], choices["rotation_degrees"])
+    photometric = _photometric(size, blur_p, solarize_p, choices["jitter_p"], choices["grayscale_p"])
+    return v2.Compose(geometry + photometric + _normalize(mean, std))
 
 
 class _ViewWithTeacherCrop:
@@ -67,18 +85,25 @@ class _ViewWithTeacherCrop:
     of DINOv3's Gram teacher, which sees the student's crop at a higher resolution (more pixels of the original
     image, not an upsampled copy)."""
 
-    def __init__(self, size: int, teacher_size: int, scale, blur_p: float, solarize_p: float, mean, std):
+    def __init__(self, size: int, teacher_size: int, scale, blur_p: float, solarize_p: float, mean, std,
+                 choices: dict):
         self.size, self.teacher_size, self.scale = size, teacher_size, tuple(scale)
-        self.photometric = v2.Compose(_photometric(size, blur_p, solarize_p) + _normalize(mean, std))
+        self.flip_p, self.rotation_degrees = choices["flip_p"], choices["rotation_degrees"]
+        photometric = _photometric(size, blur_p, solarize_p, choices["jitter_p"], choices["grayscale_p"])
+        self.photometric = v2.Compose(photometric + _normalize(mean, std))
         self.plain = v2.Compose(_normalize(mean, std))
 
     def __call__(self, image: Image.Image) -> tuple[torch.Tensor, torch.Tensor]:
         top, left, height, width = RandomResizedCrop.get_params(image, self.scale, (3 / 4, 4 / 3))
-        flip = bool(torch.rand(1) < 0.5)
+        flip = bool(torch.rand(1) < self.flip_p)
+        angle = float(torch.empty(1).uniform_(-self.rotation_degrees, self.rotation_degrees)) if (
+            self.rotation_degrees > 0) else 0.0
         crops = []
         for size in (self.size, self.teacher_size):
             crop = v2.functional.resized_crop(image, top, left, height, width, [size, size], interpolation=BICUBIC,
                                               antialias=True)
+            if angle:
+                crop = v2.functional.rotate(crop, angle, interpolation=v2.InterpolationMode.BILINEAR)
             crops.append(v2.functional.horizontal_flip(crop) if flip else crop)
         return self.photometric(crops[0]), self.plain(crops[1])
 
@@ -96,22 +121,39 @@ class MultiCropAugmentation:
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
         gram_teacher_size: int = 0,
+        flip_probability: float = 0.5,
+        color_jitter_probability: float = 0.8,
+        grayscale_probability: float = 0.2,
+        blur_probabilities: Sequence[float] = (1.0, 0.1, 0.5),  # global 1, global 2, local
+        solarize_probability: float = 0.2,  # global 2 only
+        rotation_degrees: float = 0.0,  # each crop turned by a uniform angle in +-this; 0: no rotation (DINO)
     ):
         if local_number < 0:
             raise ValueError(f"local_number must be >= 0, got {local_number}")
+        probabilities = [flip_probability, color_jitter_probability, grayscale_probability, solarize_probability,
+                         *blur_probabilities]
+        if len(blur_probabilities) != 3 or not all(0 <= p <= 1 for p in probabilities):
+            raise ValueError(f"probabilities must lie in [0, 1] and blur_probabilities must hold 3 of them "
+                             f"(global 1, global 2, local); got {probabilities}")
+        if rotation_degrees < 0:
+            raise ValueError(f"rotation_degrees must be >= 0, got {rotation_degrees}")
         self.global_size = global_size
         self.local_size = local_size
         self.local_number = local_number
         global_scale, local_scale = tuple(global_scale), tuple(local_scale)
-        self.global_transform_1 = _view_pipeline(global_size, global_scale, 1.0, 0.0, mean, std)
-        self.global_transform_2 = _view_pipeline(global_size, global_scale, 0.1, 0.2, mean, std)
-        self.local_transform = _view_pipeline(local_size, local_scale, 0.5, 0.0, mean, std)
+        choices = {"flip_p": flip_probability, "jitter_p": color_jitter_probability,
+                   "grayscale_p": grayscale_probability, "rotation_degrees": rotation_degrees}
+        blur_1, blur_2, blur_local = blur_probabilities
+        self.global_transform_1 = _view_pipeline(global_size, global_scale, blur_1, 0.0, mean, std, choices)
+        self.global_transform_2 = _view_pipeline(global_size, global_scale, blur_2, solarize_probability, mean, std,
+                                                 choices)
+        self.local_transform = _view_pipeline(local_size, local_scale, blur_local, 0.0, mean, std, choices)
         self.gram_teacher_size = gram_teacher_size
         if gram_teacher_size:
-            self.global_transform_1 = _ViewWithTeacherCrop(global_size, gram_teacher_size, global_scale, 1.0, 0.0,
-                                                           mean, std)
-            self.global_transform_2 = _ViewWithTeacherCrop(global_size, gram_teacher_size, global_scale, 0.1, 0.2,
-                                                           mean, std)
+            self.global_transform_1 = _ViewWithTeacherCrop(global_size, gram_teacher_size, global_scale, blur_1, 0.0,
+                                                           mean, std, choices)
+            self.global_transform_2 = _ViewWithTeacherCrop(global_size, gram_teacher_size, global_scale, blur_2,
+                                                           solarize_probability, mean, std, choices)
 
     @property
     def num_views(self) -> int:

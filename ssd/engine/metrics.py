@@ -28,7 +28,8 @@ class MetricsWriter:
 
             self.board = SummaryWriter(log_dir=str(run_dir / "tb"))
 
-    def write(self, step: int, values: dict) -> None:
+    def write(self, step: int, values: dict, group: str = "train") -> None:
+        """One line of metrics.jsonl; TensorBoard scalars under ``group/`` (e.g. eval/knn_top1_k20)."""
         if not self.enabled:
             return
         self.jsonl.write(json.dumps({"step": step, **values}) + "\n")
@@ -36,7 +37,7 @@ class MetricsWriter:
         if self.board is not None:
             for name, value in values.items():
                 if isinstance(value, (int, float)) and not isinstance(value, bool):
-                    self.board.add_scalar(f"train/{name}", value, step)
+                    self.board.add_scalar(f"{group}/{name}", value, step)
 
     def close(self) -> None:
         if self.jsonl is not None:

@@ -36,7 +36,8 @@ CHANGES_FILE = "config_changes.jsonl"
 SET_ASIDE = "superseded"
 ONE_SHOT = {"train.resume_from": "", "train.overwrite": False, "train.allow_changes": False}
 HARMLESS = ("log.", "eval.", "output.", "recipe", "data.num_workers", "data.root", "data.on_bad_image",
-            "data.max_image_pixels", "checkpoint.", "train.device", "train.compile", "train.resume", "train.init_from", *ONE_SHOT)
+            "data.max_image_pixels", "checkpoint.", "train.device", "train.compile", "train.memory_check",
+            "train.resume", "train.init_from", *ONE_SHOT)
 LENGTH = ("train.epochs", "train.max_steps")
 SHAPE = ("model.", "head.", "method.name", "train.batch_size", "train.grad_accum_steps", "crops.global_size",
          "crops.local_size", "crops.local_number", "data.dataset", "data.split", "data.holdout_fraction")

@@ -26,7 +26,7 @@ from torch.nn.parallel import DistributedDataParallel
 from ssd.config import ConfigError, check_world_size, to_dict
 from ssd.data import ResumableDistributedSampler, SeededCropsDataset
 from ssd.engine import checkpoint as ckpt
-from ssd.engine import distributed, signals
+from ssd.engine import distributed, machine, memory, signals
 from ssd.engine.metrics import MetricsWriter, ProgressBar, peak_memory_mib
 from ssd.engine.optim import apply_schedule, build_optimizer, clip_gradients
 from ssd.engine.schedules import TrainingSchedule
@@ -77,15 +77,18 @@ class Trainer:
         self.micro_batch = cfg.train.batch_size // (world * accum)
         self.dataset_size = len(dataset)
         self.sampler = ResumableDistributedSampler(len(dataset), world, dist_info.rank, seed=cfg.train.seed)
+        self.samples = SeededCropsDataset(dataset, transform, seed=cfg.train.seed, on_bad_image=cfg.data.on_bad_image)
+        self.collate = self.method.make_collate(cfg.train.seed)
+        self.workers = machine.loader_workers(cfg.data.num_workers, machine.processes_on_this_node())
         self.loader = torch.utils.data.DataLoader(
-            SeededCropsDataset(dataset, transform, seed=cfg.train.seed, on_bad_image=cfg.data.on_bad_image),
+            self.samples,
             batch_size=self.micro_batch,
             sampler=self.sampler,
-            collate_fn=self.method.make_collate(cfg.train.seed),
-            num_workers=cfg.data.num_workers,
+            collate_fn=self.collate,
+            num_workers=self.workers,
             pin_memory=self.device.type == "cuda",
             drop_last=True,
-            persistent_workers=cfg.data.num_workers > 0,
+            persistent_workers=self.workers > 0,
             worker_init_fn=signals.ignore_stop_signals,  # the main process saves first, then stops the workers
             # A private generator: creating a loader iterator must not consume the global RNG, or a resumed
             # run (which creates it at a different point) would draw different drop-path masks.
@@ -96,6 +99,8 @@ class Trainer:
         self.trainable = [p for p in self.method.parameters() if p.requires_grad]
         self.amp_dtype = autocast_dtype(cfg.train.precision, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+        # Before compile and DDP: the probe steps run the plain modules.
+        self.memory_estimate = self.check_memory() if cfg.train.memory_check else None
         if cfg.train.compile:
             for module in (self.method.student.backbone, self.method.teacher.backbone):
                 module.compile()
@@ -114,6 +119,26 @@ class Trainer:
         self.last_usable_checkpoint: Path | None = None
         self.collapse_counts: dict[str, int] = {}
         self.show_bar = False
+        self.images = None  # fixed images drawn into TensorBoard, by rank 0 alone (the one that writes it)
+        if dist_info.is_main and cfg.log.images_every_steps:
+            from ssd.visualize import TrainingImages
+
+            self.images = TrainingImages(cfg, dataset)
+
+    def check_memory(self) -> memory.MemoryEstimate:
+        """Measure what a step needs (`ssd.engine.memory`); refuse on every rank when it cannot fit."""
+        def make_batch(size: int) -> dict:
+            return self._to_device(self.collate([self.samples[(0, i % len(self.samples))] for i in range(size)]))
+
+        estimate = memory.measure(self.method, make_batch, self.micro_batch, self.device, self.amp_dtype,
+                                  self.schedule(0), self.workers, machine.processes_on_this_node())
+        too_large = distributed.all_reduce_sum(torch.tensor([float(estimate.share > memory.REFUSE_ABOVE)],
+                                                            device=self.device))
+        if too_large.item() > 0:
+            raise ConfigError(memory.refusal(estimate, self.cfg, self.dist.world_size))
+        if self.dist.is_main:
+            log.log(logging.WARNING if estimate.share > memory.WARN_ABOVE else logging.INFO, estimate.describe())
+        return estimate
 
     # ---- checkpoints -------------------------------------------------------------------------------------
     def save(self) -> Path | None:
@@ -283,6 +308,11 @@ class Trainer:
         # A bar only on a terminal; in a log file (SLURM, nohup) one plain line per log step instead.
         self.show_bar = self.dist.is_main and cfg.log.progress_bar and sys.stderr.isatty()
         bar = ProgressBar(self.show_bar, total_steps, self.step)
+        periodic_knn = None  # eval.knn_every_epochs: the teacher's k-NN at epoch ends (ssd.knn_report)
+        if cfg.eval.knn_every_epochs:
+            from ssd.knn_report import PeriodicKnn
+
+            periodic_knn = PeriodicKnn(cfg, self.steps_per_epoch, self.device, self.dist.is_main)
         handlers = signals.install_handlers()
         status = "finished"
         started, first_step, mean_loss = time.perf_counter(), self.step, float("nan")
@@ -303,6 +333,10 @@ class Trainer:
                     self._log(writer, schedule, mean_loss, grad_norm, images_per_second, outputs)
                     window_start, window_steps = time.perf_counter(), 0
                 bar.update(1, loss=mean_loss, images_per_s=images_per_second)
+                if self.images is not None and self.images.due(self.step, last=self.step == total_steps):
+                    drawing_started = time.perf_counter()
+                    self.images.log(writer.board, self.method.teacher_backbone(), self.step)
+                    window_start += time.perf_counter() - drawing_started  # images/s counts training time only
 
                 stop = flags[2] > 0
                 if self.step % cfg.checkpoint.every_steps == 0 or self.step == total_steps or stop:
@@ -312,6 +346,10 @@ class Trainer:
                     if self.dist.is_main:
                         log.info("stop requested: saved checkpoint at step %d, exiting", self.step)
                     break
+                if periodic_knn is not None and periodic_knn.due(self.step):  # after the stop check: never delays one
+                    knn_started = time.perf_counter()
+                    writer.write(self.step, periodic_knn(self.method.teacher_backbone(), self.step), group="eval")
+                    window_start += time.perf_counter() - knn_started  # images/s counts training time only
         finally:
             signals.restore_handlers(handlers)
             bar.close()

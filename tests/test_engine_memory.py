@@ -1,0 +1,106 @@
+"""The memory check: a run too large for the machine is refused before it trains, with the settings that fit;
+a run that fits starts; the probe changes nothing about training; loader workers follow the machine's cores.
+
+The machine's limit is real: the runs that must not fit are started inside a memory cgroup with a 1.5 GiB
+limit (the way a container or a SLURM job with --mem limits a run), created by the test as root.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import uuid
+from pathlib import Path
+
+import pytest
+
+from ssd.engine import machine
+from tests.tiny import (
+    REPO,
+    assert_bitwise_equal,
+    final_weights,
+    run_training,
+    subprocess_env,
+    tiny_overrides,
+    train_command,
+)
+
+LIMIT_BYTES = 1536 * 2**20
+# 1,437 digits, a 65,536-prototype head and 8 local crops: at batch 512 the head's logits alone are
+# 512 x 10 crops x 65,536 x 4 bytes = 1.3 GB per copy, several copies are kept for backward.
+LARGE = ["data.holdout_fraction=0.2", "head.out_dim=65536", "head.hidden_dim=512", "head.bottleneck_dim=128",
+         "crops.local_number=8", "train.max_steps=1"]
+
+
+def _memory_cgroup_root() -> Path | None:
+    """This process's cgroup-v1 memory folder when the test may create a child in it (root), else None."""
+    try:
+        line = next(line for line in Path("/proc/self/cgroup").read_text().splitlines()
+                    if "memory" in line.split(":")[1].split(","))
+    except (OSError, StopIteration):
+        return None
+    folder = Path("/sys/fs/cgroup/memory" + line.split(":", 2)[2])
+    return folder if folder.is_dir() and os.access(folder, os.W_OK) else None
+
+
+@pytest.fixture
+def limited_cgroup():
+    root = _memory_cgroup_root()
+    if root is None:
+        pytest.skip("needs a writable cgroup-v1 memory hierarchy (run as root) to limit a run's memory")
+    folder = root / f"ssd-test-{uuid.uuid4().hex[:8]}"
+    folder.mkdir()
+    (folder / "memory.limit_in_bytes").write_text(str(LIMIT_BYTES))
+    yield folder
+    folder.rmdir()
+
+
+def _train_in(cgroup: Path, overrides: list[str]) -> subprocess.CompletedProcess:
+    command = " ".join(f"'{part}'" for part in train_command(overrides))
+    return subprocess.run(["sh", "-c", f"echo $$ > {cgroup}/cgroup.procs && exec {command}"], cwd=REPO,
+                          env=subprocess_env(), capture_output=True, text=True, timeout=300)
+
+
+def test_a_run_that_cannot_fit_is_refused_before_training_with_settings_that_fit(tmp_path, limited_cgroup):
+    result = _train_in(limited_cgroup, tiny_overrides(tmp_path, "large", *LARGE, "train.batch_size=512"))
+    assert result.returncode == 2, result.stderr[-3000:]
+    message = result.stderr.strip().splitlines()[-1]
+    assert "does not fit" in message and "GiB available" in message, message
+    assert "train.grad_accum_steps=" in message and "train.memory_check=false" in message, message
+    assert not (tmp_path / "large").exists()  # a refused start leaves no run folder
+    assert "step 1/1" not in result.stderr
+
+    # The advice works: the suggested accumulation fits in the same cgroup and trains.
+    accum = message.split("train.grad_accum_steps=")[1].split()[0]
+    result = _train_in(limited_cgroup, tiny_overrides(tmp_path, "advised", *LARGE, "train.batch_size=512",
+                                                      f"train.grad_accum_steps={accum}"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "memory estimate:" in result.stderr and "finished at step 1" in result.stderr
+
+
+def test_memory_check_false_starts_anyway(tmp_path, limited_cgroup):
+    """The user can overrule the estimate; the kernel then decides (here: the run fits at batch 8)."""
+    result = _train_in(limited_cgroup, tiny_overrides(tmp_path, "small", "train.max_steps=1",
+                                                      "train.memory_check=false"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "memory estimate:" not in result.stderr
+
+
+def test_the_probe_changes_nothing_about_training(tmp_path):
+    """BatchNorm statistics, RNG and gradients are restored: with and without the check, the same weights."""
+    extra = ["head.use_bn=true", "train.epochs=2"]
+    run_training(tiny_overrides(tmp_path, "checked", *extra))
+    run_training(tiny_overrides(tmp_path, "unchecked", *extra, "train.memory_check=false"))
+    assert_bitwise_equal(final_weights(tmp_path / "checked"), final_weights(tmp_path / "unchecked"))
+
+
+def test_auto_workers_follow_the_cores_given_to_the_process(tmp_path):
+    """data.num_workers=-1 keeps one core for the training loop: 2 cores -> 1 worker, 1 core -> none."""
+    cores = machine.cpu_cores()
+    assert machine.auto_num_workers(1) == min(max(cores - 1, 0), machine.AUTO_WORKERS_CAP)
+    assert machine.auto_num_workers(cores) == 0
+    command = ["taskset", "-c", "0", *train_command(tiny_overrides(tmp_path, "one-core", "train.max_steps=1",
+                                                                    "data.num_workers=-1"))]
+    result = subprocess.run(command, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "data.num_workers=-1: 0 loader worker(s) per process (1 CPU core(s)" in result.stderr
