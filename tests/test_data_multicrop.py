@@ -238,3 +238,130 @@ def test_gram_teacher_crops_are_the_global_crops_at_a_larger_size():
         # No photometric change on the teacher crop: its grey levels stay those of the image.
         assert torch.allclose(crops[4][0], crops[4][1]) and torch.allclose(crops[4][1], crops[4][2])
     assert min(correlations) > 0.85 and sum(correlations) / len(correlations) > 0.9, correlations  # other boxes: ~0
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Augmentation knobs (flip, photometric and blur probabilities, rotation): 0 really turns a step off
+
+
+def half_bright(size: int = 32) -> Image.Image:
+    """Left half white, right half black: a flip swaps which half is bright."""
+    pixels = np.zeros((size, size, 3), dtype=np.uint8)
+    pixels[:, : size // 2] = 255
+    return Image.fromarray(pixels)
+
+
+def whole_image_crops(**options) -> MultiCropAugmentation:
+    """Crops of the whole (square) image: RandomResizedCrop at scale 1 falls back to the full image, so any
+    difference between crops comes from the steps after it."""
+    return MultiCropAugmentation(global_size=32, global_scale=(1.0, 1.0), local_number=2, local_size=16,
+                                 local_scale=(1.0, 1.0), mean=(0.5,) * 3, std=(0.5,) * 3, **options)
+
+
+NO_PHOTOMETRIC = dict(color_jitter_probability=0.0, grayscale_probability=0.0, blur_probabilities=(0.0, 0.0, 0.0),
+                      solarize_probability=0.0)
+
+
+@pytest.mark.parametrize("flip_probability, flipped_share", [(0.0, 0.0), (1.0, 1.0), (0.5, 0.5)])
+def test_flip_probability_sets_how_often_crops_are_mirrored(torch_single_thread, flip_probability, flipped_share):
+    torch.manual_seed(0)
+    augmentation = whole_image_crops(flip_probability=flip_probability, **NO_PHOTOMETRIC)
+    crops = [crop for _ in range(50) for crop in augmentation(half_bright())]
+    flipped = [bool(crop[:, :, crop.shape[-1] // 2:].mean() > crop[:, :, : crop.shape[-1] // 2].mean()) for crop in crops]
+    assert sum(flipped) / len(flipped) == pytest.approx(flipped_share, abs=0.1)
+
+
+def test_without_photometric_steps_every_crop_is_the_plain_resized_image(torch_single_thread):
+    torch.manual_seed(0)
+    augmentation = whole_image_crops(flip_probability=0.0, **NO_PHOTOMETRIC)
+    for view in ("global_transform_1", "global_transform_2", "local_transform"):
+        pipeline = getattr(augmentation, view)
+        assert [type(step) for step in pipeline.transforms[:1]] == [v2.RandomResizedCrop]
+        assert not any(pipeline_steps(pipeline, kind) for kind in (v2.RandomHorizontalFlip, v2.ColorJitter,
+                       v2.RandomGrayscale, v2.GaussianBlur, v2.RandomSolarize, v2.RandomRotation))
+    image = colour_noise(32)
+    plain_global = eval_transform(32, 32, (0.5,) * 3, (0.5,) * 3)(image)
+    plain_local = eval_transform(16, 16, (0.5,) * 3, (0.5,) * 3)(image)
+    for _ in range(5):
+        global_1, global_2, *locals_ = augmentation(image)
+        assert torch.allclose(global_1, plain_global, atol=1e-6) and torch.allclose(global_2, plain_global, atol=1e-6)
+        assert all(torch.allclose(local, plain_local, atol=1e-6) for local in locals_)
+
+
+def test_blur_and_solarize_probabilities_go_to_their_views():
+    augmentation = MultiCropAugmentation(global_size=32, local_size=16, blur_probabilities=(0.3, 0.0, 0.7),
+                                         solarize_probability=0.4, color_jitter_probability=0.5,
+                                         grayscale_probability=0.1)
+    blur = {view: [p for _, p in pipeline_steps(getattr(augmentation, view), v2.GaussianBlur)]
+            for view in ("global_transform_1", "global_transform_2", "local_transform")}
+    assert blur == {"global_transform_1": [0.3], "global_transform_2": [], "local_transform": [0.7]}
+    assert [p for _, p in pipeline_steps(augmentation.global_transform_2, v2.RandomSolarize)] == [0.4]
+    assert not pipeline_steps(augmentation.global_transform_1, v2.RandomSolarize)
+    assert [p for _, p in pipeline_steps(augmentation.local_transform, v2.ColorJitter)] == [0.5]
+    assert [p for _, p in pipeline_steps(augmentation.local_transform, v2.RandomGrayscale)] == [0.1]
+
+
+def bar_angle(crop: torch.Tensor) -> float:
+    """Angle in degrees of the main axis of the bright pixels (second moments), 0 for a vertical bar."""
+    weights = (crop.mean(0) + 1).clamp_min(0)  # back to 0..2, background 0
+    rows, columns = torch.meshgrid(torch.arange(crop.shape[-2]).float(), torch.arange(crop.shape[-1]).float(),
+                                   indexing="ij")
+    total = weights.sum()
+    mean_row, mean_column = (weights * rows).sum() / total, (weights * columns).sum() / total
+    d_row, d_column = rows - mean_row, columns - mean_column
+    var_row, var_column = (weights * d_row**2).sum() / total, (weights * d_column**2).sum() / total
+    covariance = (weights * d_row * d_column).sum() / total
+    return float(torch.rad2deg(0.5 * torch.atan2(2 * covariance, var_row - var_column)))
+
+
+def test_rotation_turns_crops_within_the_configured_angle(torch_single_thread):
+    pixels = np.zeros((32, 32, 3), dtype=np.uint8)
+    pixels[4:28, 14:18] = 255  # a vertical bar in the middle
+    image = Image.fromarray(pixels)
+    torch.manual_seed(0)
+    angles = [abs(bar_angle(crop)) for _ in range(30)
+              for crop in whole_image_crops(flip_probability=0.0, rotation_degrees=20, **NO_PHOTOMETRIC)(image)[:2]]
+    assert max(angles) < 22 and sum(angle > 8 for angle in angles) > len(angles) // 3, angles
+    still = [abs(bar_angle(crop)) for crop in whole_image_crops(flip_probability=0.0, **NO_PHOTOMETRIC)(image)]
+    assert max(still) < 1.0
+
+
+def test_invalid_augmentation_options_are_refused():
+    with pytest.raises(ValueError, match="blur_probabilities"):
+        MultiCropAugmentation(blur_probabilities=(1.0, 0.1))
+    with pytest.raises(ValueError, match="probabilities"):
+        MultiCropAugmentation(flip_probability=1.5)
+    with pytest.raises(ValueError, match="rotation_degrees"):
+        MultiCropAugmentation(rotation_degrees=-5)
+
+
+def test_gram_teacher_crop_follows_the_rotation_and_flip_of_its_global_crop(torch_single_thread):
+    pixels = np.zeros((64, 64, 3), dtype=np.uint8)
+    pixels[8:56, 20:28] = 255  # an off-centre vertical bar: rotation and flip both move it
+    image = Image.fromarray(pixels)
+    augmentation = MultiCropAugmentation(global_size=32, global_scale=(1.0, 1.0), local_number=0, mean=(0.5,) * 3,
+                                         std=(0.5,) * 3, gram_teacher_size=64, rotation_degrees=30, **NO_PHOTOMETRIC)
+    for seed in range(6):
+        torch.manual_seed(seed)
+        global_1, _, teacher_1, _ = augmentation(image)
+        small = torch.nn.functional.interpolate(teacher_1[None], size=(32, 32), mode="area")[0]
+        assert torch.corrcoef(torch.stack([global_1.mean(0).flatten(), small.mean(0).flatten()]))[0, 1] > 0.9
+
+
+def test_config_keys_reach_the_augmentation():
+    from ssd.config import ConfigError, load_config
+    from ssd.train import build_transform
+
+    cfg = load_config("dino_digits_demo", ["crops.flip_probability=0.25", "crops.blur_probabilities=[0.0,0.2,0.3]",
+                                           "crops.rotation_degrees=12", "crops.color_jitter_probability=0"])
+    augmentation = build_transform(cfg)
+    assert [p for _, p in pipeline_steps(augmentation.local_transform, v2.RandomHorizontalFlip)] == [0.25]
+    assert [p for _, p in pipeline_steps(augmentation.local_transform, v2.GaussianBlur)] == [0.3]
+    assert not pipeline_steps(augmentation.global_transform_1, v2.GaussianBlur)
+    assert not pipeline_steps(augmentation.global_transform_1, v2.ColorJitter)
+    [(rotation, _)] = pipeline_steps(augmentation.global_transform_2, v2.RandomRotation)
+    assert tuple(rotation.degrees) == (-12.0, 12.0)
+    with pytest.raises(ConfigError, match="blur_probabilities"):
+        load_config("dino_digits_demo", ["crops.blur_probabilities=[0.5,0.5]"])
+    with pytest.raises(ConfigError, match="flip_probability"):
+        load_config("dino_digits_demo", ["crops.flip_probability=2"])

@@ -20,6 +20,7 @@ The transforms draw from torch's global RNG; `SeededCropsDataset` seeds it per s
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from PIL import Image
@@ -31,6 +32,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 BLUR_SIGMA = (0.1, 2.0)
 SOLARIZE_THRESHOLD = 128  # on 0..255 values: the transforms run on PIL (uint8) images
 BICUBIC = v2.InterpolationMode.BICUBIC
+BILINEAR = v2.InterpolationMode.BILINEAR  # for rotations: torchvision rotates tensors only nearest or bilinear
 
 
 def blur_kernel_size(crop_size: int) -> int:
@@ -48,8 +50,18 @@ def _normalize(mean: Sequence[float], std: Sequence[float]) -> list:
     return [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std), v2.ToPureTensor()]
 
 
-def _photometric(size: int, blur_p: float, solarize_p: float, jitter_p: float = 0.8, grayscale_p: float = 0.2
-                 ) -> list:
+@dataclass(frozen=True)
+class SharedSteps:
+    """What every view does the same way (DINO's values by default); a probability of 0 leaves the step out."""
+
+    flip_p: float = 0.5
+    jitter_p: float = 0.8
+    grayscale_p: float = 0.2
+    rotation_degrees: float = 0.0  # each crop turned by a uniform angle in +-this, corners black; 0: none
+
+
+def _photometric(size: int, blur_p: float, solarize_p: float, shared: SharedSteps = SharedSteps()) -> list:
+    jitter_p, grayscale_p = shared.jitter_p, shared.grayscale_p
     steps = []
     if jitter_p > 0:
         steps.append(v2.RandomApply([v2.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)],
@@ -63,21 +75,20 @@ def _photometric(size: int, blur_p: float, solarize_p: float, jitter_p: float = 
     return steps
 
 
-def _geometry(size: int, scale: tuple[float, float], flip_p: float, rotation_degrees: float) -> list:
-    """Crop, then turn the crop by up to +-rotation_degrees (corners filled with black), then flip."""
+def _geometry(size: int, scale: tuple[float, float], shared: SharedSteps) -> list:
+    """Crop, then turn the crop (rotation_degrees > 0), then flip."""
     steps = [v2.RandomResizedCrop(size, scale=scale, interpolation=BICUBIC)]
-    if rotation_degrees > 0:
-        steps.append(v2.RandomRotation(rotation_degrees, interpolation=v2.InterpolationMode.BILINEAR))
-    if flip_p > 0:
-        steps.append(v2.RandomHorizontalFlip(p=flip_p))
+    if shared.rotation_degrees > 0:
+        steps.append(v2.RandomRotation(shared.rotation_degrees, interpolation=BILINEAR))
+    if shared.flip_p > 0:
+        steps.append(v2.RandomHorizontalFlip(p=shared.flip_p))
     return steps
 
 
 def _view_pipeline(size: int, scale: tuple[float, float], blur_p: float, solarize_p: float, mean, std,
-                   choices: dict) -> v2.Compose:
-    geometry = _geometry(size, scale, choices["flip_p"], choices["rotation_degrees"])
-    photometric = _photometric(size, blur_p, solarize_p, choices["jitter_p"], choices["grayscale_p"])
-    return v2.Compose(geometry + photometric + _normalize(mean, std))
+                   shared: SharedSteps) -> v2.Compose:
+    photometric = _photometric(size, blur_p, solarize_p, shared)
+    return v2.Compose(_geometry(size, scale, shared) + photometric + _normalize(mean, std))
 
 
 class _ViewWithTeacherCrop:
@@ -86,24 +97,24 @@ class _ViewWithTeacherCrop:
     image, not an upsampled copy)."""
 
     def __init__(self, size: int, teacher_size: int, scale, blur_p: float, solarize_p: float, mean, std,
-                 choices: dict):
+                 shared: SharedSteps):
         self.size, self.teacher_size, self.scale = size, teacher_size, tuple(scale)
-        self.flip_p, self.rotation_degrees = choices["flip_p"], choices["rotation_degrees"]
-        photometric = _photometric(size, blur_p, solarize_p, choices["jitter_p"], choices["grayscale_p"])
-        self.photometric = v2.Compose(photometric + _normalize(mean, std))
+        self.flip_p, self.rotation_degrees = shared.flip_p, shared.rotation_degrees
+        self.photometric = v2.Compose(_photometric(size, blur_p, solarize_p, shared) + _normalize(mean, std))
         self.plain = v2.Compose(_normalize(mean, std))
 
     def __call__(self, image: Image.Image) -> tuple[torch.Tensor, torch.Tensor]:
         top, left, height, width = RandomResizedCrop.get_params(image, self.scale, (3 / 4, 4 / 3))
         flip = bool(torch.rand(1) < self.flip_p)
-        angle = float(torch.empty(1).uniform_(-self.rotation_degrees, self.rotation_degrees)) if (
-            self.rotation_degrees > 0) else 0.0
+        angle = 0.0
+        if self.rotation_degrees > 0:
+            angle = float(torch.empty(1).uniform_(-self.rotation_degrees, self.rotation_degrees))
         crops = []
         for size in (self.size, self.teacher_size):
             crop = v2.functional.resized_crop(image, top, left, height, width, [size, size], interpolation=BICUBIC,
                                               antialias=True)
             if angle:
-                crop = v2.functional.rotate(crop, angle, interpolation=v2.InterpolationMode.BILINEAR)
+                crop = v2.functional.rotate(crop, angle, interpolation=BILINEAR)
             crops.append(v2.functional.horizontal_flip(crop) if flip else crop)
         return self.photometric(crops[0]), self.plain(crops[1])
 
@@ -141,19 +152,18 @@ class MultiCropAugmentation:
         self.local_size = local_size
         self.local_number = local_number
         global_scale, local_scale = tuple(global_scale), tuple(local_scale)
-        choices = {"flip_p": flip_probability, "jitter_p": color_jitter_probability,
-                   "grayscale_p": grayscale_probability, "rotation_degrees": rotation_degrees}
+        shared = SharedSteps(flip_probability, color_jitter_probability, grayscale_probability, rotation_degrees)
         blur_1, blur_2, blur_local = blur_probabilities
-        self.global_transform_1 = _view_pipeline(global_size, global_scale, blur_1, 0.0, mean, std, choices)
+        self.global_transform_1 = _view_pipeline(global_size, global_scale, blur_1, 0.0, mean, std, shared)
         self.global_transform_2 = _view_pipeline(global_size, global_scale, blur_2, solarize_probability, mean, std,
-                                                 choices)
-        self.local_transform = _view_pipeline(local_size, local_scale, blur_local, 0.0, mean, std, choices)
+                                                 shared)
+        self.local_transform = _view_pipeline(local_size, local_scale, blur_local, 0.0, mean, std, shared)
         self.gram_teacher_size = gram_teacher_size
         if gram_teacher_size:
             self.global_transform_1 = _ViewWithTeacherCrop(global_size, gram_teacher_size, global_scale, blur_1, 0.0,
-                                                           mean, std, choices)
+                                                           mean, std, shared)
             self.global_transform_2 = _ViewWithTeacherCrop(global_size, gram_teacher_size, global_scale, blur_2,
-                                                           solarize_probability, mean, std, choices)
+                                                           solarize_probability, mean, std, shared)
 
     @property
     def num_views(self) -> int:
