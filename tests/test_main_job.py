@@ -29,9 +29,11 @@ def test_default_command_trains_and_beats_random_init():
         assert "trained teacher" in result.stdout and "raw pixels" in result.stdout
         assert "Loading faiss" not in result.stderr and "faiss.loader" not in result.stderr  # no library chatter
         assert pixels > 90.0
-        # Measured: ~59% trained vs ~47% random init (benchmarks/RESULTS.md). 8 points is 29 of the 360 held-out
-        # images, far above run-to-run noise, and a broken loss, teacher or loop stays at the random-init level.
-        assert trained > random_init + 8.0, report
+        # Measured (seed 0, 2026-11-22): 94.4% trained vs 86.4% random init; seeds 1-2 gave 90.6-93.3% vs
+        # 87.5-88.9%. 85% is the demo's promise; 4 points (14 of the 360 held-out images) above random init is
+        # half the measured gap, and a broken loss, teacher or loop stays at the random-init level.
+        assert trained >= 85.0, report
+        assert trained > random_init + 4.0, report
         assert (run_dir / "config.yaml").exists() and (run_dir / "metrics.jsonl").exists()
         assert list(run_dir.glob("checkpoint_*.pt")) and list((run_dir / "tb").iterdir())
         logged = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
