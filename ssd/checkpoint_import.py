@@ -99,6 +99,9 @@ def select_backbone_state(content: dict, which: str = "teacher") -> dict[str, to
     content = {k: v for k, v in content.items() if k != "__format__"}
     if content.get("format") == "ssd.checkpoint":
         state = content["method"]
+        if which == "teacher" and content.get("eval_backbone") == "student":
+            # A frozen or random teacher is not stored (only its origin): the trained network is the student.
+            which = "student"
         prefix = f"{which}.backbone."
     elif isinstance(content.get(which), dict):  # DINO checkpoint.pth, DINOv2 teacher_checkpoint.pth
         state, prefix = content[which], ""

@@ -79,6 +79,26 @@ class MethodConfig:
 
 
 @dataclass
+class TeacherConfig:
+    """What the student matches (ssd/teachers.py). ema: the student's moving average (momentum in method.*);
+    frozen: weights from `source`, never updated; random: a seeded random network, never updated."""
+
+    kind: str = "ema"  # ema | frozen | random
+    # frozen: an ssd run folder, checkpoint or export (architecture read from it), an official DINO/iBOT/DINOv2/
+    # DINOv3 checkpoint, or any weights file of the timm architecture `arch`
+    source: str = ""
+    arch: str = ""  # frozen/random: the teacher's timm architecture if it differs from model.arch (with timm_kwargs)
+    timm_kwargs: dict[str, Any] = field(default_factory=dict)
+    seed: int = 0  # random: the teacher's init; frozen: init of any head the source does not hold
+    # Latent-prediction methods (ijepa): the teacher's features after this block (-1: the final output)
+    feature_block: int = -1
+    # random: the student starts independent of the teacher, as a copy, perturbed (teacher + scale x own init)
+    # or interpolated (sqrt(1 - scale^2) x teacher + scale x own init); Random Teachers' locality experiments
+    student_init: str = "independent"
+    student_init_scale: float = 0.1
+
+
+@dataclass
 class DataConfig:
     dataset: str = "imagefolder"  # digits | cifar10 | imagefolder | folder (unlabeled)
     root: str = ""
@@ -201,6 +221,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     head: HeadConfig = field(default_factory=HeadConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
     data: DataConfig = field(default_factory=DataConfig)
     crops: CropsConfig = field(default_factory=CropsConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -215,6 +236,8 @@ CHOICES = {
     "method.name": ("dino", "ibot", "dinov2", "dinov3"),
     "optim.schedule": ("cosine", "constant"),
     "method.centering": ("ema", "sinkhorn"),
+    "teacher.kind": ("ema", "frozen", "random"),
+    "teacher.student_init": ("independent", "copy", "perturb", "interpolate"),
     "optim.lr_scaling": ("linear", "sqrt"),
     "data.dataset": ("digits", "cifar10", "imagefolder", "folder"),
     "data.on_bad_image": ("skip", "fail"),
@@ -378,8 +401,24 @@ def validate(cfg: DictConfig) -> None:
     if cfg.crops.gram_teacher_size and cfg.method.name != "dinov3":
         raise ConfigError(f"crops.gram_teacher_size is for DINOv3's Gram teacher; method.name={cfg.method.name} has "
                           "none: set it to 0")
+    _check_teacher(cfg.teacher)
     if cfg.data.dataset != "digits" and not cfg.data.root:
         raise ConfigError(f"data.dataset={cfg.data.dataset} needs data.root=/path/to/images")
+
+
+def _check_teacher(teacher) -> None:
+    if teacher.kind == "frozen" and not teacher.source:
+        raise ConfigError("teacher.kind=frozen needs teacher.source=...: an ssd run folder, checkpoint or export, an "
+                          "official DINO/iBOT/DINOv2/DINOv3 checkpoint, or a weights file with teacher.arch=<timm name>")
+    if teacher.kind != "frozen" and teacher.source:
+        raise ConfigError(f"teacher.source is read by teacher.kind=frozen only (this run's is {teacher.kind}): set "
+                          "teacher.kind=frozen, or teacher.source= (empty)")
+    if teacher.kind == "ema" and teacher.arch:
+        raise ConfigError("an ema teacher is the student's average, so it has the student's architecture: leave "
+                          "teacher.arch empty, or choose teacher.kind=frozen/random")
+    if teacher.kind != "random" and teacher.student_init != "independent":
+        raise ConfigError(f"teacher.student_init={teacher.student_init} is for random teachers: set "
+                          "teacher.kind=random or teacher.student_init=independent")
 
 
 # (key, lowest, highest, lowest excluded): numeric keys with a meaningful range.
@@ -415,6 +454,8 @@ RANGES = [
     ("data.max_image_pixels", 1, INF, False), ("eval.batch_size", 1, INF, False),
     ("eval.knn_temperature", 0, INF, True), ("eval.resize_size", 1, INF, False), ("eval.crop_size", 1, INF, False),
     ("eval.knn_every_epochs", 0, INF, False), ("eval.knn_limit", 0, INF, False),
+    ("teacher.seed", 0, INF, False), ("teacher.feature_block", -1, INF, False),
+    ("teacher.student_init_scale", 0, 1, False),
 ]
 
 

@@ -65,11 +65,11 @@ def knn_of(backbone: nn.Module, data: dict, cfg, device, shard: bool, search: bo
     return results, skipped, seconds
 
 
-def run_header(cfg, run_dir: Path) -> dict:
-    """The report header for the run's newest checkpoint (the final one: the teacher evaluated here)."""
+def run_header(cfg, run_dir: Path, which: str = "teacher") -> dict:
+    """The report header for the run's newest checkpoint (the final one: the network evaluated here)."""
     checkpoints = list_checkpoints(run_dir)
     return reports.header(
-        protocol="knn", weights=checkpoints[-1] if checkpoints else None, which="teacher",
+        protocol="knn", weights=checkpoints[-1] if checkpoints else None, which=which,
         step=step_of(checkpoints[-1]) if checkpoints else None, arch=cfg.model.arch,
         resize=cfg.eval.resize_size, crop=cfg.eval.crop_size, dataset=cfg.data.dataset, data_root=cfg.data.root,
         train_split=cfg.data.split, test_split=cfg.eval.test_split,
@@ -77,14 +77,15 @@ def run_header(cfg, run_dir: Path) -> dict:
         max_image_pixels=cfg.data.max_image_pixels)
 
 
-def knn_report(cfg, teacher_backbone: nn.Module, run_dir: Path, device: torch.device) -> dict:
-    """The end-of-run table and `<run>/knn.json`. Runs on one process (rank 0) while the others wait."""
+def knn_report(cfg, backbone: nn.Module, run_dir: Path, device: torch.device, which: str = "teacher") -> dict:
+    """The end-of-run table and `<run>/knn.json` for the trained `backbone` (the method's `which` network: the
+    EMA teacher, or the student of a fixed teacher). Runs on one process (rank 0) while the others wait."""
     data = held_out_data(cfg)
     log.info("end-of-run k-NN: %d training and %d held-out images (split %r) at resize %d / crop %d, k in %s, for "
-             "the trained teacher, the same architecture at random init, and raw pixels", len(data["train"]),
-             len(data["test"]), cfg.eval.test_split, cfg.eval.resize_size, cfg.eval.crop_size, list(cfg.eval.knn_k))
+             "the trained %s, the same architecture at random init, and raw pixels", len(data["train"]),
+             len(data["test"]), cfg.eval.test_split, which, cfg.eval.resize_size, cfg.eval.crop_size, list(cfg.eval.knn_k))
     candidates = {
-        trained_name("teacher"): teacher_backbone,
+        trained_name(which): backbone,
         RANDOM_INIT: random_init_backbone(cfg.model, cfg.train.seed),  # the run's own initial weights
         RAW_PIXELS: raw_pixels_model(),
     }
@@ -93,7 +94,7 @@ def knn_report(cfg, teacher_backbone: nn.Module, run_dir: Path, device: torch.de
         results[name], skipped, seconds[name] = knn_of(model, data, cfg, device, shard=False)
         log.info("k-NN %-22s %s", name, "  ".join(f"{k}: {v['top1']:.1f}%" for k, v in results[name].items()))
     report = reports.knn_json(
-        run_header(cfg, run_dir), train_size=len(data["train"]) - skipped["train"],
+        run_header(cfg, run_dir, which), train_size=len(data["train"]) - skipped["train"],
         test_size=len(data["test"]) - skipped["test"], skipped_images=skipped, ks=cfg.eval.knn_k,
         temperature=cfg.eval.knn_temperature, search={"backend": "auto", "index": "flat"}, results=results,
         seconds=seconds)

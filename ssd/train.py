@@ -98,7 +98,8 @@ def run_summary(result: dict) -> str:
     minutes, seconds = divmod(int(result["seconds"]), 60)
     line = (f"summary: {result['steps_done']} steps in {minutes} min {seconds:02d} s, "
             f"{result['images_per_second']:.1f} images/s, final loss {result['final_loss']:.4f}")
-    knn = result.get("knn", {}).get("results", {}).get("trained teacher", {})
+    results = result.get("knn", {}).get("results", {})
+    knn = next((values for name, values in results.items() if name.startswith("trained ")), {})
     if knn:
         k = "k=20" if "k=20" in knn else next(iter(knn))  # the k the printed table shows
         line += f", k-NN top-1 {knn[k]['top1']:.2f}% ({k})"
@@ -141,7 +142,8 @@ def run(cfg) -> dict:
             if dist_info.is_main:
                 from ssd.knn_report import knn_report
 
-                result["knn"] = knn_report(cfg, method.teacher_backbone(), run_dir, dist_info.device)
+                result["knn"] = knn_report(cfg, method.eval_backbone(), run_dir, dist_info.device,
+                                           which=getattr(method, "eval_network", "teacher"))
             distributed.barrier()
         if dist_info.is_main:
             log.info("%s at step %d; run folder: %s", result["status"], result["step"], run_dir.resolve())

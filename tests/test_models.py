@@ -45,12 +45,14 @@ def test_vit_kwargs_and_unknown_arch():
     bad = load_config(None, ["model.arch=vit_smal_patch16_224"])
     with pytest.raises(ValueError, match="unknown timm architecture 'vit_smal_patch16_224'.*vit_small_patch16_224"):
         build_backbone(bad.model)
-    kept = load_config(None, ["model.arch=resnet18"])  # the demo recipe's ViT-only depth=4 stays...
+    # ibot_digits_demo's ViT-only depth=4 stays when only the architecture is changed...
+    kept = load_config("ibot_digits_demo", ["model.arch=resnet18"])
+    assert kept.model.timm_kwargs.depth == 4
     with pytest.raises(ValueError, match="could not build 'resnet18'.*depth.*model.timm_kwargs"):
         build_backbone(kept.model)
-    replaced = load_config(None, ["model.arch=resnet18", "model.timm_kwargs={}"])  # ...unless replaced whole
+    replaced = load_config("ibot_digits_demo", ["model.arch=resnet18", "model.timm_kwargs={}"])  # ...unless replaced
     assert dict(replaced.model.timm_kwargs) == {}
-    merged = load_config(None, ["model.timm_kwargs.qkv_bias=false"])
+    merged = load_config("ibot_digits_demo", ["model.timm_kwargs.qkv_bias=false"])
     assert dict(merged.model.timm_kwargs) == {"depth": 4, "qkv_bias": False}
     cnn = load_config(None, ["model.arch=resnet18", "model.num_registers=2", "model.timm_kwargs={}"])
     with pytest.raises(ValueError, match="num_registers needs a ViT"):

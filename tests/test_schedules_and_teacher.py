@@ -66,7 +66,7 @@ def test_ema_teacher_update_and_no_gradients():
 def test_dino_teacher_stays_in_eval_mode_and_mirrors_student_keys():
     from ssd.methods.dino import DINO
 
-    cfg = load_config(None, ["model.timm_kwargs.depth=1", "head.out_dim=16"])
+    cfg = load_config(None, ["model.arch=vit_tiny_patch16_224", "model.timm_kwargs.depth=1", "head.out_dim=16"])
     method = DINO(cfg).train()
     assert method.student.training and not method.teacher.training
     assert not any(module.training for module in method.teacher.modules())

@@ -165,6 +165,8 @@ class Trainer:
                     "world_size": self.dist.world_size,
                     "data": {"images": self.dataset_size},
                     "health": health,
+                    # what evaluation and export read: "teacher" (EMA) or "student" (fixed teachers)
+                    "eval_backbone": getattr(self.method, "eval_network", "teacher"),
                 },
             )
             if not health["usable"]:
@@ -335,7 +337,7 @@ class Trainer:
                 bar.update(1, loss=mean_loss, images_per_s=images_per_second)
                 if self.images is not None and self.images.due(self.step, last=self.step == total_steps):
                     drawing_started = time.perf_counter()
-                    self.images.log(writer.board, self.method.teacher_backbone(), self.step)
+                    self.images.log(writer.board, self.method.eval_backbone(), self.step)
                     window_start += time.perf_counter() - drawing_started  # images/s counts training time only
 
                 stop = flags[2] > 0
@@ -348,7 +350,7 @@ class Trainer:
                     break
                 if periodic_knn is not None and periodic_knn.due(self.step):  # after the stop check: never delays one
                     knn_started = time.perf_counter()
-                    writer.write(self.step, periodic_knn(self.method.teacher_backbone(), self.step), group="eval")
+                    writer.write(self.step, periodic_knn(self.method.eval_backbone(), self.step), group="eval")
                     window_start += time.perf_counter() - knn_started  # images/s counts training time only
         finally:
             signals.restore_handlers(handlers)

@@ -16,9 +16,17 @@ from ssd.models.dino_head import DINOHead
 from ssd.models.layer_decay import vit_parameter_groups
 from ssd.models.multicrop import MultiCropEncoder
 from ssd.monitors import collapse_statistics
-from ssd.teachers import ema_update, frozen_copy, keep_eval
+from ssd.teachers import build_teacher, keep_eval, store_origin_instead, update_teacher
 
 NUM_GLOBAL_VIEWS = 2
+
+
+def build_head(cfg, in_dim: int, out_dim: int | None = None) -> DINOHead:
+    """The DINO head of the config on features of width `in_dim` (`out_dim` prototypes, head.out_dim by default)."""
+    head = cfg.head
+    return DINOHead(in_dim, out_dim=out_dim or head.out_dim, hidden_dim=head.hidden_dim,
+                    bottleneck_dim=head.bottleneck_dim, nlayers=head.nlayers, use_bn=head.use_bn,
+                    norm_last_layer=head.norm_last_layer)
 
 
 class DINO(nn.Module):
@@ -29,19 +37,14 @@ class DINO(nn.Module):
             from ssd.checkpoint_import import load_backbone_weights
 
             load_backbone_weights(backbone, cfg.model.pretrained)
-        head = DINOHead(
-            backbone.num_features,
-            out_dim=cfg.head.out_dim,
-            hidden_dim=cfg.head.hidden_dim,
-            bottleneck_dim=cfg.head.bottleneck_dim,
-            nlayers=cfg.head.nlayers,
-            use_bn=cfg.head.use_bn,
-            norm_last_layer=cfg.head.norm_last_layer,
-        )
-        self.student = MultiCropEncoder(backbone, head)
-        # The teacher starts as an exact copy of the student (same random init), as in the paper.
-        self.teacher = frozen_copy(self.student)
+        self.student = MultiCropEncoder(backbone, build_head(cfg, backbone.num_features))
+        # An EMA teacher starts as an exact copy of the student (same random init), as in the paper; a frozen or
+        # random one (teacher.kind) gets its own head of the same prototypes on its own width.
+        self.teacher, origin = build_teacher(cfg, self.student,
+                                             lambda network: MultiCropEncoder(network, build_head(cfg, network.num_features)))
+        store_origin_instead(self, origin, "teacher")
         self.loss = DINOLoss(cfg.head.out_dim, cfg.method.student_temp, cfg.method.center_momentum)
+        self.cfg = cfg
         self.optim_cfg = cfg.optim
 
     def train(self, mode: bool = True) -> DINO:
@@ -81,7 +84,13 @@ class DINO(nn.Module):
     @torch.no_grad()
     def after_step(self, schedule: dict) -> None:
         self.loss.update_center()
-        ema_update(self.teacher, self.student, schedule["teacher_momentum"])
+        update_teacher(self.cfg.teacher.kind, self.teacher, self.student, schedule["teacher_momentum"])
 
-    def teacher_backbone(self) -> nn.Module:
-        return self.teacher.backbone
+    @property
+    def eval_network(self) -> str:
+        """Which network evaluation and export read: the EMA teacher, or the student when the teacher is fixed
+        (frozen or random: the student is what this run trains)."""
+        return "teacher" if self.cfg.teacher.kind == "ema" else "student"
+
+    def eval_backbone(self) -> nn.Module:
+        return getattr(self, self.eval_network).backbone

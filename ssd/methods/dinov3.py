@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from ssd.losses.gram_loss import gram_loss
 from ssd.methods.ibot import NUM_GLOBAL_VIEWS, MaskedDistillation
 from ssd.models.tokens import encode
-from ssd.teachers import frozen_copy
+from ssd.teachers import frozen_copy, store_origin_instead
 
 
 class DINOv3(MaskedDistillation):
@@ -29,6 +29,8 @@ class DINOv3(MaskedDistillation):
         super().__init__(cfg)
         # Parameters that never train: frozen_copy turns gradients off, so no optimizer group holds them.
         self.gram_teacher = frozen_copy(self.teacher.backbone)
+        if cfg.teacher.kind != "ema":  # snapshots of a fixed teacher are that teacher: not stored either
+            store_origin_instead(self, self.teacher_origin, "gram_teacher")
 
     def train(self, mode: bool = True) -> DINOv3:
         super().train(mode)

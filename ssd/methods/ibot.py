@@ -25,21 +25,15 @@ from ssd.losses.dino_loss import DINOLoss, dino_cross_entropy
 from ssd.losses.ibot_patch_loss import IBOTPatchLoss, ibot_masked_cross_entropy, masked_token_weights
 from ssd.losses.koleo_loss import koleo_loss
 from ssd.losses.sinkhorn import sinkhorn_knopp
+from ssd.methods.dino import build_head
 from ssd.models.backbone import build_backbone, patch_size_of
-from ssd.models.dino_head import DINOHead
 from ssd.models.layer_decay import vit_parameter_groups
 from ssd.models.token_network import TokenNetwork
 from ssd.models.tokens import require_tokens
 from ssd.monitors import collapse_statistics
-from ssd.teachers import ema_update, frozen_copy, keep_eval
+from ssd.teachers import build_teacher, keep_eval, store_origin_instead, update_teacher
 
 NUM_GLOBAL_VIEWS = 2
-
-
-def build_head(cfg, in_dim: int, out_dim: int) -> DINOHead:
-    head = cfg.head
-    return DINOHead(in_dim, out_dim=out_dim, hidden_dim=head.hidden_dim, bottleneck_dim=head.bottleneck_dim,
-                    nlayers=head.nlayers, use_bn=head.use_bn, norm_last_layer=head.norm_last_layer)
 
 
 class MaskedDistillation(nn.Module):
@@ -57,13 +51,19 @@ class MaskedDistillation(nn.Module):
         if method.shared_head and patch_dim != cfg.head.out_dim:
             raise ValueError(f"method.shared_head=true scores patches with the class head, so method.patch_out_dim "
                              f"({patch_dim}) must be 0 or head.out_dim ({cfg.head.out_dim})")
-        head = build_head(cfg, backbone.num_features, cfg.head.out_dim)
-        patch_head = None if method.shared_head else build_head(cfg, backbone.num_features, patch_dim)
-        self.student = TokenNetwork(backbone, head, patch_head)
-        self.teacher = frozen_copy(self.student)  # same initial weights, as in the papers
+        self.student = self._network(backbone, patch_dim)
+        # An EMA teacher starts with the student's weights, as in the papers; teacher.kind=frozen/random builds
+        # one of its own (its width, the same prototypes).
+        self.teacher, origin = build_teacher(cfg, self.student, lambda network: self._network(network, patch_dim))
+        require_tokens(self.teacher.backbone, cfg.method.name)
+        store_origin_instead(self, origin, "teacher")
         self.dino_loss = DINOLoss(cfg.head.out_dim, method.student_temp, method.center_momentum)
         self.patch_loss = IBOTPatchLoss(patch_dim, method.student_temp, method.center_momentum)
         self.patch_size = patch_size_of(backbone)
+
+    def _network(self, backbone: nn.Module, patch_dim: int) -> TokenNetwork:
+        patch_head = None if self.cfg.method.shared_head else build_head(self.cfg, backbone.num_features, patch_dim)
+        return TokenNetwork(backbone, build_head(self.cfg, backbone.num_features), patch_head)
 
     # ---- engine contract -------------------------------------------------------------------------------
     def train(self, mode: bool = True) -> MaskedDistillation:
@@ -161,7 +161,13 @@ class MaskedDistillation(nn.Module):
         if self.cfg.method.centering == "ema":
             self.dino_loss.update_center()
             self.patch_loss.update_center()
-        ema_update(self.teacher, self.student, schedule["teacher_momentum"])
+        update_teacher(self.cfg.teacher.kind, self.teacher, self.student, schedule["teacher_momentum"])
 
-    def teacher_backbone(self) -> nn.Module:
-        return self.teacher.backbone
+    @property
+    def eval_network(self) -> str:
+        """Which network evaluation and export read: the EMA teacher, or the student when the teacher is fixed
+        (frozen or random: the student is what this run trains)."""
+        return "teacher" if self.cfg.teacher.kind == "ema" else "student"
+
+    def eval_backbone(self) -> nn.Module:
+        return getattr(self, self.eval_network).backbone
