@@ -1,7 +1,10 @@
-"""Each method's digits recipe from the command line: steps, minutes and k-NN (k=20) of the trained teacher next
-to random init and raw pixels, as `python -m ssd.train --config <method>_digits_demo` prints them.
+"""Each method's digits recipe from the command line: steps, minutes and k-NN (k=20) of the trained network (the
+EMA teacher, or the student of a fixed teacher) next to random init and raw pixels, as
+`python -m ssd.train --config <name>_digits_demo` prints them.
 
-    python benchmarks/digits_methods.py [--methods dino ibot dinov2] [--output-root /tmp/ssd-digits]
+    python benchmarks/digits_methods.py [--methods dino ibot dinov2 ijepa salt_stage1 salt_stage2 dino_random_teacher]
+
+salt_stage2 reads the salt_stage1 run of the same invocation as its frozen teacher (list salt_stage1 first).
 
 Each run is a subprocess (the real command); the table goes to stdout as JSON lines and a Markdown table.
 """
@@ -22,7 +25,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 
 
-def run_method(method: str, root: Path, extra: list[str]) -> dict:
+def run_method(method: str, root: Path, extra: list[str]) -> tuple[dict, Path]:
     run_name = f"{method}-digits-{time.strftime('%Y%m%d-%H%M%S')}"
     command = [sys.executable, "-m", "ssd.train", "--config", f"{method}_digits_demo", f"output.root={root}",
                f"output.run_name={run_name}", "log.progress_bar=false", *extra]
@@ -35,9 +38,11 @@ def run_method(method: str, root: Path, extra: list[str]) -> dict:
     steps = [json.loads(line)["step"] for line in (root / run_name / "metrics.jsonl").read_text().splitlines()]
     top1 = {name: values["k=20"]["top1"] for name, values in report["results"].items() if isinstance(values, dict)
             and "k=20" in values}
-    return {"method": method, "steps": steps[-1], "minutes": round(minutes, 2),
-            "knn_trained": top1["trained teacher"], "knn_random_init": top1["random init (same arch)"],
-            "knn_raw_pixels": top1["raw pixels"], "overrides": extra}
+    trained = next(name for name in top1 if name.startswith("trained "))
+    row = {"method": method, "steps": steps[-1], "minutes": round(minutes, 2), "evaluated": trained,
+           "knn_trained": top1[trained], "knn_random_init": top1["random init (same arch)"],
+           "knn_raw_pixels": top1["raw pixels"], "overrides": extra}
+    return row, root / run_name
 
 
 def main() -> None:
@@ -47,12 +52,20 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="key=value for every run")
     args = parser.parse_args()
     print(f"# {time.strftime('%Y-%m-%d')}, {platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}")
-    rows = [run_method(method, Path(args.output_root), args.overrides) for method in args.methods]
+    rows, runs = [], {}
+    for method in args.methods:
+        extra = list(args.overrides)
+        if method == "salt_stage2":
+            if "salt_stage1" not in runs:
+                raise SystemExit("salt_stage2 needs the teacher of salt_stage1: list salt_stage1 before it")
+            extra.append(f"teacher.source={runs['salt_stage1']}")
+        row, runs[method] = run_method(method, Path(args.output_root), extra)
+        rows.append(row)
     for row in rows:
         print(json.dumps(row))
-    print("\n| method | steps | minutes | k-NN trained | random init | raw pixels |\n|---|---|---|---|---|---|")
+    print("\n| method | steps | minutes | evaluated | k-NN trained | random init | raw pixels |\n|---|---|---|---|---|---|---|")
     for row in rows:
-        print(f"| {row['method']} | {row['steps']} | {row['minutes']:.1f} | {row['knn_trained']:.2f}% | "
+        print(f"| {row['method']} | {row['steps']} | {row['minutes']:.1f} | {row['evaluated']} | {row['knn_trained']:.2f}% | "
               f"{row['knn_random_init']:.2f}% | {row['knn_raw_pixels']:.2f}% |")
 
 

@@ -76,6 +76,18 @@ class MethodConfig:
     gram_weight: float = 0.0
     gram_start_step: int = 0
     gram_refresh_steps: int = 10000
+    # Latent prediction (ijepa; SALT stage 2 is ijepa with teacher.kind=frozen) and masked pixels (mae, SALT
+    # stage 1): multi-block masks over the patch grid (I-JEPA's defaults), a narrow ViT predictor / decoder.
+    num_targets: int = 4  # target blocks per image
+    target_scale: list[float] = field(default_factory=lambda: [0.15, 0.2])  # share of the grid per target block
+    target_aspect: list[float] = field(default_factory=lambda: [0.75, 1.5])  # height / width of a target block
+    context_scale: list[float] = field(default_factory=lambda: [0.85, 1.0])  # the context block, targets removed
+    min_context: int = 10  # fewest context patches an image may keep
+    predictor_dim: int = 384
+    predictor_depth: int = 12
+    predictor_heads: int = 12
+    latent_loss: str = "smooth_l1"  # smooth_l1 (I-JEPA) | l2 | l1, on layer-normed teacher features
+    pixel_norm: bool = True  # mae: each target patch normalised by its own mean and std (MAE's best setting)
 
 
 @dataclass
@@ -116,6 +128,7 @@ class DataConfig:
 
 @dataclass
 class CropsConfig:
+    global_number: int = 2  # views per image: 2 for DINO/iBOT/DINOv2/DINOv3, 1 for ijepa and mae
     global_size: int = 224
     global_scale: list[float] = field(default_factory=lambda: [0.4, 1.0])
     local_number: int = 8
@@ -233,7 +246,8 @@ class Config:
 
 
 CHOICES = {
-    "method.name": ("dino", "ibot", "dinov2", "dinov3"),
+    "method.name": ("dino", "ibot", "dinov2", "dinov3", "ijepa", "mae"),
+    "method.latent_loss": ("smooth_l1", "l2", "l1"),
     "optim.schedule": ("cosine", "constant"),
     "method.centering": ("ema", "sinkhorn"),
     "teacher.kind": ("ema", "frozen", "random"),
@@ -371,7 +385,8 @@ def validate(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key)
         if value not in allowed:
             raise ConfigError(f"config key '{key}' is {value!r}; expected one of {', '.join(allowed)}")
-    for key in ("crops.global_scale", "crops.local_scale", "optim.betas", "method.mask_ratio"):
+    for key in ("crops.global_scale", "crops.local_scale", "optim.betas", "method.mask_ratio", "method.target_scale",
+                "method.target_aspect", "method.context_scale"):
         if len(OmegaConf.select(cfg, key)) != 2:
             raise ConfigError(f"config key '{key}' needs two numbers, e.g. {key}=[0.4,1.0]")
     for key, low, high, low_open in RANGES:
@@ -402,8 +417,23 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"crops.gram_teacher_size is for DINOv3's Gram teacher; method.name={cfg.method.name} has "
                           "none: set it to 0")
     _check_teacher(cfg.teacher)
+    _check_views(cfg)
     if cfg.data.dataset != "digits" and not cfg.data.root:
         raise ConfigError(f"data.dataset={cfg.data.dataset} needs data.root=/path/to/images")
+
+
+SINGLE_VIEW_METHODS = ("ijepa", "mae")  # one crop per image, masked by blocks; no local crops
+
+
+def _check_views(cfg: DictConfig) -> None:
+    name, crops = cfg.method.name, cfg.crops
+    if name in SINGLE_VIEW_METHODS and (crops.global_number != 1 or crops.local_number):
+        raise ConfigError(f"method.name={name} sees one crop per image: set crops.global_number=1 "
+                          f"crops.local_number=0 (or start from an {name} recipe, see --list-recipes)")
+    if name not in SINGLE_VIEW_METHODS and crops.global_number != 2:
+        raise ConfigError(f"method.name={name} matches two global crops of each image: set crops.global_number=2")
+    if name == "mae" and cfg.teacher.kind != "ema":
+        raise ConfigError("method.name=mae reconstructs pixels and has no teacher: leave teacher.* at its defaults")
 
 
 def _check_teacher(teacher) -> None:
@@ -454,6 +484,9 @@ RANGES = [
     ("data.max_image_pixels", 1, INF, False), ("eval.batch_size", 1, INF, False),
     ("eval.knn_temperature", 0, INF, True), ("eval.resize_size", 1, INF, False), ("eval.crop_size", 1, INF, False),
     ("eval.knn_every_epochs", 0, INF, False), ("eval.knn_limit", 0, INF, False),
+    ("crops.global_number", 1, 2, False), ("method.num_targets", 1, INF, False),
+    ("method.min_context", 1, INF, False), ("method.predictor_dim", 4, INF, False),
+    ("method.predictor_depth", 1, INF, False), ("method.predictor_heads", 1, INF, False),
     ("teacher.seed", 0, INF, False), ("teacher.feature_block", -1, INF, False),
     ("teacher.student_init_scale", 0, 1, False),
 ]

@@ -83,7 +83,7 @@ def knn_report(cfg, backbone: nn.Module, run_dir: Path, device: torch.device, wh
     data = held_out_data(cfg)
     log.info("end-of-run k-NN: %d training and %d held-out images (split %r) at resize %d / crop %d, k in %s, for "
              "the trained %s, the same architecture at random init, and raw pixels", len(data["train"]),
-             len(data["test"]), cfg.eval.test_split, which, cfg.eval.resize_size, cfg.eval.crop_size, list(cfg.eval.knn_k))
+             len(data["test"]), cfg.eval.test_split, cfg.eval.resize_size, cfg.eval.crop_size, list(cfg.eval.knn_k), which)
     candidates = {
         trained_name(which): backbone,
         RANDOM_INIT: random_init_backbone(cfg.model, cfg.train.seed),  # the run's own initial weights

@@ -35,7 +35,9 @@ def collapse_statistics(teacher_probs: torch.Tensor, teacher_features: torch.Ten
 
 
 def collapse_kind(stats: dict) -> str | None:
-    """'uniform', 'one-hot' or None from the statistics above."""
+    """'uniform', 'one-hot' or None from the statistics above (None for methods without prototypes)."""
+    if "teacher_entropy" not in stats:
+        return None
     log_k = stats["log_num_prototypes"]
     if stats["teacher_entropy"] > UNIFORM_ENTROPY_RATIO * log_k:
         return "uniform"

@@ -67,6 +67,7 @@ def build_transform(cfg) -> MultiCropAugmentation:
         blur_probabilities=tuple(crops.blur_probabilities),
         solarize_probability=crops.solarize_probability,
         rotation_degrees=crops.rotation_degrees,
+        global_number=crops.global_number,
     )
 
 

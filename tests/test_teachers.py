@@ -117,3 +117,24 @@ def test_random_teacher_run_resumes_and_evaluates_the_student(tmp_path):
 
     exported = load_file(tmp_path / "export" / "model.safetensors")
     assert torch.equal(exported["blocks.0.attn.qkv.weight"], weights["student.backbone.blocks.0.attn.qkv.weight"])
+
+
+def test_frozen_teacher_of_another_architecture_from_a_timm_weights_file(tmp_path):
+    """A ResNet teacher (512 wide) for a ViT-tiny student (192 wide): each has its own DINO head onto the same
+    prototypes; the teacher's weights come from a plain timm state dict."""
+    import timm
+    from safetensors.torch import save_file
+
+    torch.manual_seed(7)
+    resnet = timm.create_model("resnet10t", num_classes=0)
+    save_file(resnet.state_dict(), tmp_path / "resnet10t.safetensors")
+    method = method_for("teacher.kind=frozen", f"teacher.source={tmp_path / 'resnet10t.safetensors'}",
+                        "teacher.arch=resnet10t")
+    for name, value in resnet.state_dict().items():
+        assert torch.equal(method.teacher.backbone.state_dict()[name], value), name
+    crops = [torch.randn(2, 3, 32, 32), torch.randn(2, 3, 32, 32), torch.randn(2, 3, 16, 16), torch.randn(2, 3, 16, 16)]
+    loss, _ = method.train()({"crops": crops}, {"teacher_temp": 0.04, "teacher_momentum": 0.996})
+    loss.backward()
+    assert method.teacher.head.mlp[0].in_features == 512 and method.student.head.mlp[0].in_features == 192
+    assert all(p.grad is None for p in method.teacher.parameters())
+    assert not method.teacher.training  # BatchNorm of a frozen ResNet keeps its running statistics

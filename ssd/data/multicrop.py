@@ -138,7 +138,13 @@ class MultiCropAugmentation:
         blur_probabilities: Sequence[float] = (1.0, 0.1, 0.5),  # global 1, global 2, local
         solarize_probability: float = 0.2,  # global 2 only
         rotation_degrees: float = 0.0,  # each crop turned by a uniform angle in +-this; 0: no rotation (DINO)
+        global_number: int = 2,  # 1: only the first global crop (I-JEPA, MAE)
     ):
+        if global_number not in (1, 2):
+            raise ValueError(f"global_number must be 1 or 2, got {global_number}")
+        if global_number == 1 and gram_teacher_size:
+            raise ValueError("gram_teacher_size needs both global crops (global_number=2)")
+        self.global_number = global_number
         if local_number < 0:
             raise ValueError(f"local_number must be >= 0, got {local_number}")
         probabilities = [flip_probability, color_jitter_probability, grayscale_probability, solarize_probability,
@@ -167,12 +173,14 @@ class MultiCropAugmentation:
 
     @property
     def num_views(self) -> int:
-        return 2 + self.local_number + (2 if self.gram_teacher_size else 0)
+        return self.global_number + self.local_number + (2 if self.gram_teacher_size else 0)
 
     def __call__(self, image: Image.Image) -> list[torch.Tensor]:
         """[global 1, global 2, locals...], then, with gram_teacher_size, the two global crops at that size."""
         if not self.gram_teacher_size:
-            crops = [self.global_transform_1(image), self.global_transform_2(image)]
+            crops = [self.global_transform_1(image)]
+            if self.global_number == 2:
+                crops.append(self.global_transform_2(image))
             crops.extend(self.local_transform(image) for _ in range(self.local_number))
             return crops
         (global_1, teacher_1), (global_2, teacher_2) = self.global_transform_1(image), self.global_transform_2(image)
@@ -181,7 +189,7 @@ class MultiCropAugmentation:
 
     def __repr__(self) -> str:
         return (
-            f"{type(self).__name__}(global 2 x {self.global_size}px, local {self.local_number} x "
+            f"{type(self).__name__}(global {self.global_number} x {self.global_size}px, local {self.local_number} x "
             f"{self.local_size}px)"
         )
 

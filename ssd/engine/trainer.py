@@ -102,8 +102,9 @@ class Trainer:
         # Before compile and DDP: the probe steps run the plain modules.
         self.memory_estimate = self.check_memory() if cfg.train.memory_check else None
         if cfg.train.compile:
-            for module in (self.method.student.backbone, self.method.teacher.backbone):
-                module.compile()
+            for network in (getattr(self.method, "student", None), getattr(self.method, "teacher", None)):
+                if network is not None:  # mae has no teacher
+                    network.backbone.compile()
         self.model = self.method
         if world > 1:
             self.model = DistributedDataParallel(

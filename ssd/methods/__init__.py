@@ -5,8 +5,11 @@ from __future__ import annotations
 from ssd.methods.dino import DINO
 from ssd.methods.dinov3 import DINOv3
 from ssd.methods.ibot import MaskedDistillation
+from ssd.methods.ijepa import IJEPA
+from ssd.methods.mae import MaskedPixels
 
-METHODS = {"dino": DINO, "ibot": MaskedDistillation, "dinov2": MaskedDistillation, "dinov3": DINOv3}
+METHODS = {"dino": DINO, "ibot": MaskedDistillation, "dinov2": MaskedDistillation, "dinov3": DINOv3, "ijepa": IJEPA,
+           "mae": MaskedPixels}
 
 
 def build_method(cfg):
@@ -15,4 +18,4 @@ def build_method(cfg):
     return METHODS[cfg.method.name](cfg)
 
 
-__all__ = ["build_method", "METHODS", "DINO", "MaskedDistillation", "DINOv3"]
+__all__ = ["build_method", "METHODS", "DINO", "MaskedDistillation", "DINOv3", "IJEPA", "MaskedPixels"]
