@@ -114,6 +114,7 @@ def load_backbone(args: argparse.Namespace):
         official = {"arch": args.arch, "img_size": args.img_size, "patch_size": args.patch_size,
                     "num_registers": args.num_registers, "timm_kwargs": args.timm_kwargs, "drop_path_rate": 0.0}
     backbone, info = load_backbone_for_eval(args.weights, args.which, official)
+    args.which = info["which"]  # "student" for runs whose teacher was fixed (frozen or random)
     if hasattr(args, "resize"):
         resolve_sizes(args, info)
     return backbone, info

@@ -92,6 +92,14 @@ def is_native(content: dict) -> bool:
     return content.get("format") == "ssd.checkpoint" or content.get("__format__") == "ssd.export"
 
 
+def trained_network(content: dict, which: str) -> str:
+    """`which` as a file can answer it: a run with a frozen or random teacher stores only where that teacher came
+    from, and its trained network, what "teacher" means to evaluation and export, is the student."""
+    if which == "teacher" and content.get("eval_backbone") == "student":
+        return "student"
+    return which
+
+
 def select_backbone_state(content: dict, which: str = "teacher") -> dict[str, torch.Tensor]:
     """The backbone's state dict inside a checkpoint of any supported layout, prefixes removed."""
     if which not in ("teacher", "student"):
@@ -99,9 +107,7 @@ def select_backbone_state(content: dict, which: str = "teacher") -> dict[str, to
     content = {k: v for k, v in content.items() if k != "__format__"}
     if content.get("format") == "ssd.checkpoint":
         state = content["method"]
-        if which == "teacher" and content.get("eval_backbone") == "student":
-            # A frozen or random teacher is not stored (only its origin): the trained network is the student.
-            which = "student"
+        which = trained_network(content, which)
         prefix = f"{which}.backbone."
     elif isinstance(content.get(which), dict):  # DINO checkpoint.pth, DINOv2 teacher_checkpoint.pth
         state, prefix = content[which], ""
@@ -262,5 +268,5 @@ def load_backbone_for_eval(path: str | Path, which: str = "teacher", model_value
                            "(and --img-size / --patch-size / --num-registers / --timm-kwargs as needed)")
     backbone = build_backbone(model_config(values))
     load_state_from_content(backbone, content, which, str(path))
-    info.update(file=str(path), model=dataclasses.asdict(model_config(values)))
+    info.update(file=str(path), model=dataclasses.asdict(model_config(values)), which=trained_network(content, which))
     return backbone, info

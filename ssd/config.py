@@ -417,6 +417,9 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"crops.gram_teacher_size is for DINOv3's Gram teacher; method.name={cfg.method.name} has "
                           "none: set it to 0")
     _check_teacher(cfg.teacher)
+    if cfg.teacher.feature_block != -1 and cfg.method.name != "ijepa":
+        raise ConfigError(f"teacher.feature_block picks the features that method.name=ijepa regresses; "
+                          f"{cfg.method.name} matches the teacher's head outputs: set teacher.feature_block=-1")
     _check_views(cfg)
     if cfg.data.dataset != "digits" and not cfg.data.root:
         raise ConfigError(f"data.dataset={cfg.data.dataset} needs data.root=/path/to/images")

@@ -32,6 +32,7 @@ from ssd.checkpoint_import import (
     load_state_from_content,
     model_config,
     read_weights,
+    trained_network,
 )
 from ssd.cli import run_command
 from ssd.files import write_text_atomic
@@ -123,6 +124,7 @@ def export_backbone(checkpoint: str | Path, out_dir: str | Path, which: str = "t
                            "load with ssd.checkpoint_import.load_backbone_weights)")
     model_cfg = model_config(dict(state["config"]["model"]))
     backbone = build_backbone(model_cfg)
+    which = trained_network(state, which)
     load_state_from_content(backbone, state, which, str(path))
     source = {"checkpoint": str(path.resolve()), "which": which, "step": state.get("step"),
               "method": state["config"].get("method", {}).get("name")}
@@ -154,7 +156,8 @@ def main(argv=None) -> Path:
     parser.add_argument("--output", "--out", dest="output", required=True,
                         help="output folder (model.safetensors + config.json)")
     parser.add_argument("--which", choices=("teacher", "student"), default="teacher",
-                        help="which backbone to export; the teacher is the one DINO evaluates")
+                        help="which backbone to export; the teacher is the one DINO evaluates (a run with a frozen "
+                        "or random teacher exports its student, the network it trained)")
     args = parser.parse_args(argv)
     out_dir = export_backbone(args.checkpoint, args.output, args.which)
     config = json.loads((out_dir / EXPORT_CONFIG).read_text())

@@ -131,7 +131,6 @@ class TeacherOrigin(nn.Module):
 def _fix_in_place(teacher: nn.Module) -> None:
     teacher.requires_grad_(False)
     teacher.eval()
-    teacher._ssd_fixed_teacher = True
 
 
 def store_origin_instead(method: nn.Module, origin: TeacherOrigin | None, *names: str) -> None:
@@ -153,10 +152,6 @@ def store_origin_instead(method: nn.Module, origin: TeacherOrigin | None, *names
 
     method.register_state_dict_post_hook(drop_teacher_keys)
     method.register_load_state_dict_pre_hook(fill_teacher_keys)
-
-
-def is_fixed_teacher(module: nn.Module) -> bool:
-    return bool(getattr(module, "_ssd_fixed_teacher", False))
 
 
 def _seeded(seed: int, build: Callable[[], nn.Module]) -> nn.Module:
@@ -187,17 +182,16 @@ def build_teacher(cfg, student: nn.Module, wrap: Callable[[nn.Module], nn.Module
     if kind == "ema":
         return frozen_copy(student), None
     from ssd.checkpoint_import import model_config
+    from ssd.config import to_dict
     from ssd.models.backbone import build_backbone
 
     values = teacher_model_values(cfg)
-    from ssd.config import to_dict
-
     model_cfg = model_config(values or to_dict(cfg.model))
     if kind == "random":
         teacher = _seeded(cfg.teacher.seed, lambda: wrap(build_backbone(model_cfg)))
         record = {"kind": "random", "arch": model_cfg.arch, "seed": int(cfg.teacher.seed),
                   "weights_sha256": weights_sha256(teacher)}
-        _init_student(student, teacher, cfg.teacher.student_init, cfg.teacher.student_init_scale, cfg.teacher.seed)
+        _init_student(student, teacher, cfg.teacher.student_init, cfg.teacher.student_init_scale)
     else:
         teacher, record = _frozen_teacher(cfg, values, wrap)
     _fix_in_place(teacher)
@@ -248,7 +242,7 @@ def _load_non_backbone_parts(teacher: nn.Module, content: dict) -> list[str]:
 
 
 @torch.no_grad()
-def _init_student(student: nn.Module, teacher: nn.Module, how: str, scale: float, seed: int) -> None:
+def _init_student(student: nn.Module, teacher: nn.Module, how: str, scale: float) -> None:
     """Random Teachers' locality: the student starts from its own init (`independent`), the teacher's weights
     (`copy`), the teacher plus `scale` x an independent init (`perturb`), or the variance-preserving mix
     sqrt(1 - scale^2) x teacher + scale x an independent init (`interpolate`)."""

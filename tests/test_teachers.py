@@ -52,6 +52,8 @@ def test_teacher_config_mistakes_are_named():
         load_config("dino_digits_demo", ["teacher.student_init=copy"])
     with pytest.raises(ConfigError, match="expected one of ema, frozen, random"):
         load_config("dino_digits_demo", ["teacher.kind=moving"])
+    with pytest.raises(ConfigError, match="teacher.feature_block picks the features that method.name=ijepa"):
+        load_config("dino_digits_demo", ["teacher.feature_block=2"])
     with pytest.raises(ConfigError, match="does not exist|not found"):
         method_for("teacher.kind=frozen", "teacher.source=/nonexistent/weights.pt")
 
