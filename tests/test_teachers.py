@@ -140,3 +140,23 @@ def test_frozen_teacher_of_another_architecture_from_a_timm_weights_file(tmp_pat
     assert method.teacher.head.mlp[0].in_features == 512 and method.student.head.mlp[0].in_features == 192
     assert all(p.grad is None for p in method.teacher.parameters())
     assert not method.teacher.training  # BatchNorm of a frozen ResNet keeps its running statistics
+
+
+def test_frozen_teacher_from_an_official_dinov2_checkpoint(tmp_path):
+    """DINOv2's teacher_checkpoint.pth layout (registers, LayerScale) as the frozen teacher of a DINO student: the
+    teacher computes what timm's own DINOv2 conversion of the same weights computes."""
+    from timm.models.vision_transformer import checkpoint_filter_fn
+
+    from tests.test_export import dinov2_backbone, official_dinov2_state
+
+    official = official_dinov2_state()
+    torch.save({"teacher": {f"backbone.{k}": v for k, v in official.items()}}, tmp_path / "teacher_checkpoint.pth")
+    method = method_for("teacher.kind=frozen", f"teacher.source={tmp_path / 'teacher_checkpoint.pth'}",
+                        "teacher.arch=vit_tiny_patch16_224",
+                        "teacher.timm_kwargs={depth: 2, init_values: 1.0e-5, reg_tokens: 2, no_embed_class: true}")
+    reference = dinov2_backbone(no_embed_class=True)
+    reference.load_state_dict(checkpoint_filter_fn(dict(official), reference))
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(method.teacher.backbone(images), reference(images), rtol=1e-5, atol=1e-5)
+    assert len(method.teacher_origin.record["file_sha256"]) == 64
