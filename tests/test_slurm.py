@@ -26,7 +26,7 @@ TINY_JOB = [
     "--gpus-per-node", "0", "--tasks-per-node", "2", "--cpus-per-task", "1", "--time", "10",
     # Two DataLoader workers per task, as every shipped recipe uses: scancel and preemption signal them too.
     f"train.max_steps={STEPS}", "train.batch_size=32", "data.num_workers=2",
-    "model.patch_size=8", "model.timm_kwargs.depth=2",
+    "model.arch=vit_tiny_patch16_224", "model.img_size=32", "model.patch_size=8", "model.timm_kwargs.depth=2",
     "head.out_dim=256", "head.hidden_dim=128", "head.bottleneck_dim=64", "crops.local_number=2",
     "checkpoint.every_steps=10", "log.every_steps=2", "log.progress_bar=false", "log.tensorboard=false",
     "eval.knn=false",
@@ -172,3 +172,15 @@ def test_a_job_sbatch_refuses_is_explained_and_leaves_no_run_folder(slurm_cluste
     assert code == 2
     assert "sbatch refused the job" in err and "invalid partition" in err.lower()
     assert not (tmp_path / "x").exists()
+
+
+def test_ijepa_job_finishes_on_two_tasks(slurm_cluster, tmp_path):
+    """The JEPA family runs through the same launcher: a 2-task I-JEPA job (multi-block masks per rank)."""
+    from tests.test_methods_jepa import JEPA
+
+    job_id, _ = launch([*TINY_JOB, *JEPA, "train.max_steps=6", "head.use_bn=false", f"output.root={tmp_path}",
+                        "output.run_name=ijepa"])
+    state = slurm_cluster.wait_for_job(job_id, JOB_TIMEOUT_S)
+    log = rank_log(tmp_path / "ijepa", job_id)
+    assert state == "COMPLETED", log
+    assert "on 2 process(es)" in log and "finished at step 6" in log

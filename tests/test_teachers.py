@@ -160,3 +160,22 @@ def test_frozen_teacher_from_an_official_dinov2_checkpoint(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(method.teacher.backbone(images), reference(images), rtol=1e-5, atol=1e-5)
     assert len(method.teacher_origin.record["file_sha256"]) == 64
+
+
+def test_dinov3_with_a_random_teacher_stores_neither_teacher_nor_gram_snapshot():
+    """DINOv3's Gram teacher is a snapshot of the teacher: with a fixed teacher it is that teacher, not stored either;
+    a state dict round trip leaves both as built."""
+    from tests.test_method_dinov3 import DINOV3
+
+    method = method_for(*DINOV3, "teacher.kind=random", "teacher.seed=2")
+    state = method.state_dict()
+    assert not [key for key in state if key.startswith(("teacher.", "gram_teacher."))]
+    assert state["teacher_origin._extra_state"]["kind"] == "random"
+    built = {name: value.clone() for name, value in method.gram_teacher.state_dict().items()}
+    method.load_state_dict(state)
+    for name, value in method.gram_teacher.state_dict().items():
+        assert torch.equal(value, built[name]), name
+    torch.manual_seed(0)
+    other_seed = method_for(*DINOV3, "teacher.kind=random", "teacher.seed=3")
+    with pytest.raises(ConfigError, match="random teacher .* no longer comes out the same"):
+        other_seed.load_state_dict(state)
