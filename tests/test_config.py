@@ -101,3 +101,15 @@ def test_saved_config_reproduces_the_run(tmp_path):
     assert values["train"]["max_steps"] == 3 and values["output"]["run_name"] == "first"
     run_training(["--config", str(saved), "output.run_name=again"])
     assert_bitwise_equal(final_weights(tmp_path / "again"), final_weights(tmp_path / "first"))
+
+
+@pytest.mark.parametrize("recipe", sorted(p.stem for p in RECIPES_DIR.glob("*_digits_demo.yaml")))
+def test_every_digits_recipe_builds_its_method(recipe):
+    """What `--config <recipe>` builds, for the small recipes (a recipe missing its model section would build the
+    schema's ViT-S and fail here). A frozen teacher is swapped for a random one: its source is another run."""
+    from ssd.methods import build_method
+
+    cfg = load_config(recipe, [])
+    overrides = ["teacher.kind=random", "teacher.source=''"] if cfg.teacher.kind == "frozen" else []
+    method = build_method(load_config(recipe, overrides))
+    assert type(method.eval_backbone()).__name__ in ("ResNet", "VisionTransformer")
