@@ -64,6 +64,19 @@ def update_teacher(kind: str, teacher: nn.Module, student: nn.Module, momentum: 
         ema_update(teacher, student, momentum)
 
 
+class EvaluatesTrainedNetwork:
+    """For methods with a `teacher` and a `student` (each holding `.backbone`) and `self.cfg`: evaluation and
+    export read the EMA teacher, or the student when the teacher is fixed (frozen or random: the student is what
+    the run trains)."""
+
+    @property
+    def eval_network(self) -> str:
+        return "teacher" if self.cfg.teacher.kind == "ema" else "student"
+
+    def eval_backbone(self) -> nn.Module:
+        return getattr(self, self.eval_network).backbone
+
+
 # ---- fixed (frozen / random) teachers ----------------------------------------------------------------------
 
 class TeacherChangedError(ConfigError):

@@ -16,7 +16,13 @@ from ssd.models.dino_head import DINOHead
 from ssd.models.layer_decay import vit_parameter_groups
 from ssd.models.multicrop import MultiCropEncoder
 from ssd.monitors import collapse_statistics
-from ssd.teachers import build_teacher, keep_eval, store_origin_instead, update_teacher
+from ssd.teachers import (
+    EvaluatesTrainedNetwork,
+    build_teacher,
+    keep_eval,
+    store_origin_instead,
+    update_teacher,
+)
 
 NUM_GLOBAL_VIEWS = 2
 
@@ -29,7 +35,7 @@ def build_head(cfg, in_dim: int, out_dim: int | None = None) -> DINOHead:
                     norm_last_layer=head.norm_last_layer)
 
 
-class DINO(nn.Module):
+class DINO(EvaluatesTrainedNetwork, nn.Module):
     def __init__(self, cfg):
         super().__init__()
         backbone = build_backbone(cfg.model)
@@ -85,12 +91,3 @@ class DINO(nn.Module):
     def after_step(self, schedule: dict) -> None:
         self.loss.update_center()
         update_teacher(self.cfg.teacher.kind, self.teacher, self.student, schedule["teacher_momentum"])
-
-    @property
-    def eval_network(self) -> str:
-        """Which network evaluation and export read: the EMA teacher, or the student when the teacher is fixed
-        (frozen or random: the student is what this run trains)."""
-        return "teacher" if self.cfg.teacher.kind == "ema" else "student"
-
-    def eval_backbone(self) -> nn.Module:
-        return getattr(self, self.eval_network).backbone

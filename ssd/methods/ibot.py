@@ -31,12 +31,18 @@ from ssd.models.layer_decay import vit_parameter_groups
 from ssd.models.token_network import TokenNetwork
 from ssd.models.tokens import require_tokens
 from ssd.monitors import collapse_statistics
-from ssd.teachers import build_teacher, keep_eval, store_origin_instead, update_teacher
+from ssd.teachers import (
+    EvaluatesTrainedNetwork,
+    build_teacher,
+    keep_eval,
+    store_origin_instead,
+    update_teacher,
+)
 
 NUM_GLOBAL_VIEWS = 2
 
 
-class MaskedDistillation(nn.Module):
+class MaskedDistillation(EvaluatesTrainedNetwork, nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.cfg = cfg
@@ -162,12 +168,3 @@ class MaskedDistillation(nn.Module):
             self.dino_loss.update_center()
             self.patch_loss.update_center()
         update_teacher(self.cfg.teacher.kind, self.teacher, self.student, schedule["teacher_momentum"])
-
-    @property
-    def eval_network(self) -> str:
-        """Which network evaluation and export read: the EMA teacher, or the student when the teacher is fixed
-        (frozen or random: the student is what this run trains)."""
-        return "teacher" if self.cfg.teacher.kind == "ema" else "student"
-
-    def eval_backbone(self) -> nn.Module:
-        return getattr(self, self.eval_network).backbone

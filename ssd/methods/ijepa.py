@@ -28,7 +28,13 @@ from ssd.models.backbone import build_backbone, patch_size_of
 from ssd.models.layer_decay import vit_parameter_groups
 from ssd.models.predictor import Predictor, gather_tokens, repeat_for_targets
 from ssd.models.tokens import encode, require_tokens
-from ssd.teachers import build_teacher, keep_eval, store_origin_instead, update_teacher
+from ssd.teachers import (
+    EvaluatesTrainedNetwork,
+    build_teacher,
+    keep_eval,
+    store_origin_instead,
+    update_teacher,
+)
 
 
 def require_average_pooling(backbone: nn.Module, method: str) -> None:
@@ -67,7 +73,7 @@ def encoder_network(backbone: nn.Module) -> nn.Module:
     return nn.ModuleDict({"backbone": backbone})
 
 
-class IJEPA(nn.Module):
+class IJEPA(EvaluatesTrainedNetwork, nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.cfg = cfg
@@ -141,10 +147,3 @@ class IJEPA(nn.Module):
     @torch.no_grad()
     def after_step(self, schedule: dict) -> None:
         update_teacher(self.cfg.teacher.kind, self.teacher, self.student, schedule["teacher_momentum"])
-
-    @property
-    def eval_network(self) -> str:
-        return "teacher" if self.cfg.teacher.kind == "ema" else "student"
-
-    def eval_backbone(self) -> nn.Module:
-        return getattr(self, self.eval_network).backbone
