@@ -111,6 +111,45 @@ class TeacherConfig:
 
 
 @dataclass
+class DistillConfig:
+    """Distilling a fixed teacher (teacher.kind=frozen|random) into another student: method.name=feature_distill
+    (SSLD-style feature matching), masked_kd (MaskedKD / DMAE: both networks on the visible patches only) and
+    posthoc_registers (PH-Reg). The methods live in ssd/methods/<name>.py."""
+
+    targets: str = "both"  # pooled | patches | both: which of the teacher's features the student matches
+    loss: str = "cosine"  # cosine | smooth_l1 | l2 (regression onto layer-normed teacher features) | cosine_l2 (PH-Reg)
+    projection: str = "linear"  # linear | mlp: maps the student's width to the teacher's
+    patch_weight: float = 1.0  # weight of the patch-token term next to the pooled term (targets=both)
+    # masked_kd: share of each image's patches hidden from the student and the teacher (uniform random per image)
+    mask_ratio: float = 0.75
+    # masked_kd: [student block, teacher block] pairs whose patch tokens are aligned through one projection each
+    # (-1: the final, normed output)
+    block_pairs: list[list[int]] = field(default_factory=lambda: [[-1, -1]])
+    # Parameter-name patterns (fnmatch, on the student backbone's names) that train; empty: all of them.
+    # posthoc_registers trains the new registers and a few chosen parts of a pretrained ViT
+    trainable: list[str] = field(default_factory=list)
+    tta_views: int = 8  # posthoc_registers: shifted/flipped views averaged into the teacher's denoised targets
+    tta_max_shift: int = 0  # posthoc_registers: largest shift in pixels (0: half a patch)
+
+
+@dataclass
+class ElasticConfig:
+    """POA's elastic student (method.name=poa, ssd/methods/poa.py; Zhang et al. ECCV 2024): every step a
+    sub-network of the intact student, its width and depth drawn from these lists (smaller ones more often, as in
+    POA), learns from the EMA teacher and from the intact student. `python -m ssd.extract_subnet` then exports
+    any of these sizes as a standalone timm model."""
+
+    # Embedding widths, whole attention heads (multiples of the head dimension). Empty: every whole number of heads
+    # from half the intact width up
+    widths: list[int] = field(default_factory=list)
+    depths: list[int] = field(default_factory=list)  # numbers of blocks; empty: from half the intact depth up
+    # Share w of the elastic student: (1 - w) x intact loss + w x elastic losses (POA: 1 - lambda = 0.2)
+    weight: float = 0.2
+    # Weight of the elastic student's same-view match to the intact student, next to its match to the teacher
+    from_intact_weight: float = 1.0
+
+
+@dataclass
 class DataConfig:
     dataset: str = "imagefolder"  # digits | cifar10 | imagefolder | folder (unlabeled)
     root: str = ""
@@ -235,6 +274,8 @@ class Config:
     head: HeadConfig = field(default_factory=HeadConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    elastic: ElasticConfig = field(default_factory=ElasticConfig)
     data: DataConfig = field(default_factory=DataConfig)
     crops: CropsConfig = field(default_factory=CropsConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -246,7 +287,11 @@ class Config:
 
 
 CHOICES = {
-    "method.name": ("dino", "ibot", "dinov2", "dinov3", "ijepa", "mae"),
+    "method.name": ("dino", "ibot", "dinov2", "dinov3", "ijepa", "mae", "feature_distill", "masked_kd",
+                    "posthoc_registers", "poa"),
+    "distill.targets": ("pooled", "patches", "both"),
+    "distill.loss": ("cosine", "smooth_l1", "l2", "cosine_l2"),
+    "distill.projection": ("linear", "mlp"),
     "method.latent_loss": ("smooth_l1", "l2", "l1"),
     "optim.schedule": ("cosine", "constant"),
     "method.centering": ("ema", "sinkhorn"),
@@ -313,7 +358,7 @@ def _expected_type(key: str) -> str:
     """The schema's type of `key` as written in the dataclass (annotations are strings here)."""
     node: Any = Config
     annotation = "a value of the schema's type"
-    for part in key.split("."):
+    for part in re.sub(r"\[\d+\]", "", key).split("."):  # list items (a[0][1]) have their list's type
         fields = getattr(node, "__dataclass_fields__", {})
         if part not in fields:
             break
@@ -369,14 +414,34 @@ def load_config(recipe: str | None = None, overrides: list[str] | tuple[str, ...
             raise ConfigError(f"override '{item}' is not of the form key=value (e.g. optim.base_lr=1e-3)")
     override_values = OmegaConf.from_dotlist(list(overrides))
     _check_known_keys(_flat_keys(OmegaConf.to_container(override_values)), "command-line overrides")
+    _empty_strings(override_values, cfg)
     cfg = _merge(cfg, override_values, "command-line overrides")
-    # A whole-dict override replaces the recipe's timm_kwargs instead of merging into it, so that
-    # `model.arch=resnet18 model.timm_kwargs={}` drops a ViT-only `depth` the recipe set.
-    whole = OmegaConf.select(override_values, "model.timm_kwargs")
-    if whole is not None and any(item.split("=", 1)[0].strip() == "model.timm_kwargs" for item in overrides):
-        cfg.model.timm_kwargs = whole
+    # A whole-dict override replaces the recipe's timm_kwargs (and earlier items of the command line) instead of
+    # merging into them, so that `model.arch=resnet18 model.timm_kwargs={}` drops a ViT-only `depth`.
+    for group in ("model", "teacher"):
+        whole = _whole_timm_kwargs(list(overrides), f"{group}.timm_kwargs")
+        if whole is not None:
+            cfg[group].timm_kwargs = whole
     validate(cfg)
     return cfg
+
+
+def _whole_timm_kwargs(overrides: list[str], key: str) -> DictConfig | None:
+    """What `key` holds after the last `key={...}` of the command line and the `key.name=value` items after it;
+    None if no item sets the whole dict."""
+    keys = [item.split("=", 1)[0].strip() for item in overrides]
+    if key not in keys:
+        return None
+    last = len(keys) - 1 - keys[::-1].index(key)
+    later = [item for item, name in zip(overrides[last + 1:], keys[last + 1:]) if name.startswith(key + ".")]
+    return OmegaConf.select(OmegaConf.from_dotlist([overrides[last], *later]), key)
+
+
+def _empty_strings(override_values: DictConfig, schema: DictConfig) -> None:
+    """`key=` on the command line means the empty string for a text key (OmegaConf reads it as null)."""
+    for key, value in flatten_config(OmegaConf.to_container(override_values)).items():
+        if value is None and isinstance(OmegaConf.select(schema, key), str):
+            OmegaConf.update(override_values, key, "")
 
 
 def validate(cfg: DictConfig) -> None:
@@ -425,7 +490,9 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"data.dataset={cfg.data.dataset} needs data.root=/path/to/images")
 
 
-SINGLE_VIEW_METHODS = ("ijepa", "mae")  # one crop per image, masked by blocks; no local crops
+SINGLE_VIEW_METHODS = ("ijepa", "mae", "masked_kd", "posthoc_registers")  # one crop per image, no local crops
+ANY_VIEWS_METHODS = ("feature_distill",)  # every crop, global or local, goes through teacher and student
+FIXED_TEACHER_METHODS = ("feature_distill", "masked_kd", "posthoc_registers")  # distillation: teacher.kind frozen/random
 
 
 def _check_views(cfg: DictConfig) -> None:
@@ -433,10 +500,13 @@ def _check_views(cfg: DictConfig) -> None:
     if name in SINGLE_VIEW_METHODS and (crops.global_number != 1 or crops.local_number):
         raise ConfigError(f"method.name={name} sees one crop per image: set crops.global_number=1 "
                           f"crops.local_number=0 (or start from an {name} recipe, see --list-recipes)")
-    if name not in SINGLE_VIEW_METHODS and crops.global_number != 2:
+    if name not in SINGLE_VIEW_METHODS + ANY_VIEWS_METHODS and crops.global_number != 2:
         raise ConfigError(f"method.name={name} matches two global crops of each image: set crops.global_number=2")
     if name == "mae" and cfg.teacher.kind != "ema":
         raise ConfigError("method.name=mae reconstructs pixels and has no teacher: leave teacher.* at its defaults")
+    if name in FIXED_TEACHER_METHODS and cfg.teacher.kind == "ema":
+        raise ConfigError(f"method.name={name} distils a fixed teacher into the student: set teacher.kind=frozen "
+                          "teacher.source=<run folder, checkpoint or weights file> (or teacher.kind=random)")
 
 
 def _check_teacher(teacher) -> None:

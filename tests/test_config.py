@@ -113,3 +113,19 @@ def test_every_digits_recipe_builds_its_method(recipe):
     overrides = ["teacher.kind=random", "teacher.source=''"] if cfg.teacher.kind == "frozen" else []
     method = build_method(load_config(recipe, overrides))
     assert type(method.eval_backbone()).__name__ in ("ResNet", "VisionTransformer")
+
+
+def test_an_empty_override_empties_a_text_key():
+    """`teacher.source=` is what error messages suggest to clear a path; OmegaConf alone would read it as null."""
+    cfg = load_config("salt_stage2_digits_demo", ["teacher.kind=random", "teacher.source="])
+    assert cfg.teacher.source == ""
+    with pytest.raises(ConfigError, match="train.epochs"):
+        load_config("dino_digits_demo", ["train.epochs="])
+
+
+def test_a_whole_timm_kwargs_override_replaces_earlier_items_of_the_command_line():
+    cfg = load_config("dino_digits_demo", ["model.timm_kwargs.depth=2", "model.timm_kwargs={}",
+                                           "model.timm_kwargs.stem_width=16", "teacher.timm_kwargs.depth=3",
+                                           "teacher.timm_kwargs={img_size: 32}"])
+    assert dict(cfg.model.timm_kwargs) == {"stem_width": 16}
+    assert dict(cfg.teacher.timm_kwargs) == {"img_size": 32}

@@ -4,12 +4,22 @@ from __future__ import annotations
 
 from ssd.methods.dino import DINO
 from ssd.methods.dinov3 import DINOv3
+from ssd.methods.feature_distill import FeatureDistillation
 from ssd.methods.ibot import MaskedDistillation
 from ssd.methods.ijepa import IJEPA
 from ssd.methods.mae import MaskedPixels
+from ssd.methods.masked_kd import MaskedKnowledgeDistillation
 
-METHODS = {"dino": DINO, "ibot": MaskedDistillation, "dinov2": MaskedDistillation, "dinov3": DINOv3, "ijepa": IJEPA,
-           "mae": MaskedPixels}
+METHODS = {
+    "dino": DINO,
+    "ibot": MaskedDistillation,
+    "dinov2": MaskedDistillation,
+    "dinov3": DINOv3,
+    "ijepa": IJEPA,
+    "mae": MaskedPixels,
+    "feature_distill": FeatureDistillation,
+    "masked_kd": MaskedKnowledgeDistillation,
+}
 
 
 def build_method(cfg):
@@ -18,4 +28,14 @@ def build_method(cfg):
     return METHODS[cfg.method.name](cfg)
 
 
-__all__ = ["build_method", "METHODS", "DINO", "MaskedDistillation", "DINOv3", "IJEPA", "MaskedPixels"]
+__all__ = [
+    "build_method",
+    "METHODS",
+    "DINO",
+    "MaskedDistillation",
+    "DINOv3",
+    "IJEPA",
+    "MaskedPixels",
+    "FeatureDistillation",
+    "MaskedKnowledgeDistillation",
+]

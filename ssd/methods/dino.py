@@ -11,7 +11,7 @@ import torch.nn as nn
 
 from ssd.data.seeded import collate_crops
 from ssd.losses.dino_loss import DINOLoss
-from ssd.models.backbone import build_backbone
+from ssd.models.backbone import build_student_backbone
 from ssd.models.dino_head import DINOHead
 from ssd.models.layer_decay import vit_parameter_groups
 from ssd.models.multicrop import MultiCropEncoder
@@ -38,11 +38,7 @@ def build_head(cfg, in_dim: int, out_dim: int | None = None) -> DINOHead:
 class DINO(EvaluatesTrainedNetwork, nn.Module):
     def __init__(self, cfg):
         super().__init__()
-        backbone = build_backbone(cfg.model)
-        if cfg.model.pretrained:
-            from ssd.checkpoint_import import load_backbone_weights
-
-            load_backbone_weights(backbone, cfg.model.pretrained)
+        backbone = build_student_backbone(cfg.model)
         self.student = MultiCropEncoder(backbone, build_head(cfg, backbone.num_features))
         # An EMA teacher starts as an exact copy of the student (same random init), as in the paper; a frozen or
         # random one (teacher.kind) gets its own head of the same prototypes on its own width.

@@ -26,7 +26,7 @@ from ssd.losses.ibot_patch_loss import IBOTPatchLoss, ibot_masked_cross_entropy,
 from ssd.losses.koleo_loss import koleo_loss
 from ssd.losses.sinkhorn import sinkhorn_knopp
 from ssd.methods.dino import build_head
-from ssd.models.backbone import build_backbone, patch_size_of
+from ssd.models.backbone import build_student_backbone, patch_size_of
 from ssd.models.layer_decay import vit_parameter_groups
 from ssd.models.token_network import TokenNetwork
 from ssd.models.tokens import require_tokens
@@ -46,12 +46,8 @@ class MaskedDistillation(EvaluatesTrainedNetwork, nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.cfg = cfg
-        backbone = build_backbone(cfg.model)
+        backbone = build_student_backbone(cfg.model)
         require_tokens(backbone, cfg.method.name)
-        if cfg.model.pretrained:
-            from ssd.checkpoint_import import load_backbone_weights
-
-            load_backbone_weights(backbone, cfg.model.pretrained)
         method = cfg.method
         patch_dim = method.patch_out_dim or cfg.head.out_dim
         if method.shared_head and patch_dim != cfg.head.out_dim:

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from ssd.config import ConfigError
 from ssd.data.multiblock import MultiBlockCollator
 from ssd.losses.latent_loss import latent_regression_loss
-from ssd.models.backbone import build_backbone, patch_size_of
+from ssd.models.backbone import build_student_backbone, encoder_network, patch_size_of
 from ssd.models.layer_decay import vit_parameter_groups
 from ssd.models.predictor import Predictor, gather_tokens, repeat_for_targets
 from ssd.models.tokens import encode, require_tokens
@@ -58,19 +58,10 @@ def multiblock_collator(cfg, patch_size: int, seed: int) -> MultiBlockCollator:
 
 def build_encoder(cfg) -> nn.Module:
     """The student's ViT (optionally from model.pretrained), checked for tokens and average pooling."""
-    backbone = build_backbone(cfg.model)
+    backbone = build_student_backbone(cfg.model)
     require_tokens(backbone, cfg.method.name)
     require_average_pooling(backbone, cfg.method.name)
-    if cfg.model.pretrained:
-        from ssd.checkpoint_import import load_backbone_weights
-
-        load_backbone_weights(backbone, cfg.model.pretrained)
     return backbone
-
-
-def encoder_network(backbone: nn.Module) -> nn.Module:
-    """A module holding only `backbone` (so student and teacher expose `.backbone` like the other methods')."""
-    return nn.ModuleDict({"backbone": backbone})
 
 
 class IJEPA(EvaluatesTrainedNetwork, nn.Module):

@@ -19,8 +19,8 @@ import torch.nn as nn
 
 from ssd.data.multiblock import MultiBlockCollator
 from ssd.losses.pixel_loss import masked_pixel_loss
-from ssd.methods.ijepa import build_encoder, encoder_network, multiblock_collator
-from ssd.models.backbone import patch_size_of
+from ssd.methods.ijepa import build_encoder, multiblock_collator
+from ssd.models.backbone import encoder_network, patch_size_of
 from ssd.models.layer_decay import vit_parameter_groups
 from ssd.models.predictor import Predictor, repeat_for_targets
 from ssd.models.tokens import encode

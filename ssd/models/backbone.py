@@ -74,6 +74,21 @@ def embed_dim(backbone: nn.Module) -> int:
     return int(backbone.num_features)
 
 
+def build_student_backbone(model_cfg: Any) -> nn.Module:
+    """`build_backbone`, then the weights of `model.pretrained` if it names a file or run to start from."""
+    backbone = build_backbone(model_cfg)
+    if model_cfg.pretrained:
+        from ssd.checkpoint_import import load_backbone_weights
+
+        load_backbone_weights(backbone, model_cfg.pretrained)
+    return backbone
+
+
+def encoder_network(backbone: nn.Module) -> nn.Module:
+    """A module holding only `backbone`, so that methods without heads expose `.backbone` like the others'."""
+    return nn.ModuleDict({"backbone": backbone})
+
+
 def patch_size_of(backbone: nn.Module) -> int | None:
     """Patch size of a ViT (timm VisionTransformer or Eva, the DINOv3 RoPE models); None without patches."""
     patch_embed = getattr(backbone, "patch_embed", None)
