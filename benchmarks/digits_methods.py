@@ -2,9 +2,11 @@
 EMA teacher, or the student of a fixed teacher) next to random init and raw pixels, as
 `python -m ssd.train --config <name>_digits_demo` prints them.
 
-    python benchmarks/digits_methods.py [--methods dino ibot dinov2 ijepa salt_stage1 salt_stage2 dino_random_teacher]
+    python benchmarks/digits_methods.py [--methods dino ibot dinov2 ijepa salt_stage1 salt_stage2 dino_random_teacher
+                                         feature_distill masked_kd]
 
-salt_stage2 reads the salt_stage1 run of the same invocation as its frozen teacher (list salt_stage1 first).
+Recipes with a frozen teacher read the run of another recipe of the same invocation (list it first, see
+TEACHER_OF): salt_stage2 <- salt_stage1, feature_distill <- dino, masked_kd <- feature_distill.
 
 Each run is a subprocess (the real command); the table goes to stdout as JSON lines and a Markdown table.
 """
@@ -23,6 +25,8 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
+# Recipes whose frozen teacher is the run of another recipe of the same invocation.
+TEACHER_OF = {"salt_stage2": "salt_stage1", "feature_distill": "dino", "masked_kd": "feature_distill"}
 
 
 def run_method(method: str, root: Path, extra: list[str]) -> tuple[dict, Path]:
@@ -55,10 +59,11 @@ def main() -> None:
     rows, runs = [], {}
     for method in args.methods:
         extra = list(args.overrides)
-        if method == "salt_stage2":
-            if "salt_stage1" not in runs:
-                raise SystemExit("salt_stage2 needs the teacher of salt_stage1: list salt_stage1 before it")
-            extra.append(f"teacher.source={runs['salt_stage1']}")
+        if method in TEACHER_OF:
+            teacher = TEACHER_OF[method]
+            if teacher not in runs:
+                raise SystemExit(f"{method} needs the run of {teacher} as its teacher: list {teacher} before it")
+            extra.append(f"teacher.source={runs[teacher]}")
         row, runs[method] = run_method(method, Path(args.output_root), extra)
         rows.append(row)
     for row in rows:

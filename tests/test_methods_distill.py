@@ -109,6 +109,10 @@ def test_pooled_and_dense_features_of_a_vit_and_a_cnn():
         pooled, dense = pooled_and_dense(cnn, images)
         assert dense.shape == (2, 512, 2, 2)
         torch.testing.assert_close(pooled, cnn(images))
+        convnext = timm.create_model("convnext_atto", num_classes=0).eval()
+        convnext_pooled, convnext_dense = pooled_and_dense(convnext, images)  # its head's norm applies to pooled
+        assert convnext_dense.shape == (2, 320, 2, 2)
+        torch.testing.assert_close(convnext_pooled, convnext(images))
     assert resize_to(dense, (2, 2)) is dense
     assert resize_to(dense, (4, 4)).shape == (2, 512, 4, 4)
     torch.testing.assert_close(resize_to(dense, (1, 1))[..., 0, 0], dense.mean(dim=(2, 3)))
@@ -252,3 +256,17 @@ def test_masked_kd_resumes_bitwise_after_sigkill(tmp_path, teacher_run):
     assert_resume_after_sigkill_is_bitwise_equal(
         tmp_path, (*MASKED, "model.patch_size=8", "teacher.kind=frozen", f"teacher.source={teacher_run}",
                    "data.num_workers=1"), kill_at_step=6)
+
+
+@pytest.mark.long
+def test_distillation_recipes_beat_random_init(tmp_path):
+    """The README's three commands: a DINO ResNet teacher, a ViT student of it (feature_distill), a narrower ViT
+    student of that one on a quarter of the patches (masked_kd); benchmarks/RESULTS.md "Distillation on digits"."""
+    from tests.test_methods_jepa import recipe_knn
+
+    recipe_knn(tmp_path, "dino_digits_demo", run_name="dino-digits")
+    features = recipe_knn(tmp_path, "feature_distill_digits_demo", f"teacher.source={tmp_path / 'dino-digits'}",
+                          run_name="feature-distill-digits")
+    assert features["trained student"] > features["random init (same arch)"] + 5.0, features
+    masked = recipe_knn(tmp_path, "masked_kd_digits_demo", f"teacher.source={tmp_path / 'feature-distill-digits'}")
+    assert masked["trained student"] > masked["random init (same arch)"] + 2.0, masked
