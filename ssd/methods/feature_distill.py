@@ -21,15 +21,14 @@ Evaluation and export read the student.
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
 
 from ssd.config import ConfigError
 from ssd.data.seeded import collate_crops
 from ssd.losses.feature_loss import feature_distillation_loss
+from ssd.methods.fixed_teacher_base import DistilsFixedTeacher
 from ssd.models.backbone import build_student_backbone, encoder_network
 from ssd.models.feature_maps import build_projection, pooled_and_dense, resize_to
-from ssd.models.layer_decay import vit_parameter_groups
-from ssd.teachers import build_teacher, keep_eval, store_origin_instead
+from ssd.teachers import build_teacher, store_origin_instead
 
 
 def same_size_groups(crops: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -41,8 +40,8 @@ def same_size_groups(crops: list[torch.Tensor]) -> list[torch.Tensor]:
     return [torch.cat(group) for group in by_size.values()]
 
 
-class FeatureDistillation(nn.Module):
-    eval_network = "student"  # the teacher is fixed: the student is what the run trains
+class FeatureDistillation(DistilsFixedTeacher):
+    """pooled_cosine in the monitors near 1: the student reproduces the teacher's embedding."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -73,20 +72,9 @@ class FeatureDistillation(nn.Module):
             finally:
                 network.train(was_training)
 
-    # ---- engine contract -------------------------------------------------------------------------------
-    def train(self, mode: bool = True) -> FeatureDistillation:
-        super().train(mode)
-        keep_eval(self.teacher)
-        return self
-
+    # ---- engine contract (the rest: DistilsFixedTeacher) ---------------------------------------------------
     def make_collate(self, seed: int):
         return collate_crops
-
-    def param_groups(self) -> list[dict]:
-        return vit_parameter_groups(self, self.student.backbone, self.cfg.optim)
-
-    def last_layer_parameters(self) -> list[nn.Parameter]:
-        return []
 
     def forward(self, batch: dict, schedule: dict) -> tuple[torch.Tensor, dict]:
         crops = batch["crops"]
@@ -113,13 +101,3 @@ class FeatureDistillation(nn.Module):
         if pooled_cosines:
             outputs["pooled_cosine"] = torch.stack(pooled_cosines).mean()
         return total / len(crops), outputs
-
-    def monitor(self, outputs: dict) -> dict:
-        # pooled_cosine near 1: the student reproduces the teacher's embedding.
-        return {name: float(value) for name, value in outputs.items()}
-
-    def after_step(self, schedule: dict) -> None:
-        return None  # the teacher is fixed
-
-    def eval_backbone(self) -> nn.Module:
-        return self.student.backbone

@@ -28,11 +28,11 @@ import torch.nn as nn
 from ssd.config import ConfigError
 from ssd.data.random_keep import RandomKeepCollator
 from ssd.losses.feature_loss import feature_distillation_loss
+from ssd.methods.fixed_teacher_base import DistilsFixedTeacher
 from ssd.models.backbone import build_student_backbone, encoder_network, patch_size_of
 from ssd.models.feature_maps import build_projection
-from ssd.models.layer_decay import vit_parameter_groups
 from ssd.models.tokens import Tokens, encode, require_tokens
-from ssd.teachers import build_teacher, keep_eval, store_origin_instead
+from ssd.teachers import build_teacher, store_origin_instead
 
 FINAL = -1
 
@@ -76,9 +76,7 @@ def _check_pairs(pairs, student: nn.Module, teacher: nn.Module) -> list[tuple[in
     return checked
 
 
-class MaskedKnowledgeDistillation(nn.Module):
-    eval_network = "student"
-
+class MaskedKnowledgeDistillation(DistilsFixedTeacher):
     def __init__(self, cfg):
         super().__init__()
         self.cfg = cfg
@@ -104,21 +102,10 @@ class MaskedKnowledgeDistillation(nn.Module):
                                          for _ in self.pairs)
         self.pooled_projection = build_projection(distill.projection, student_dim, teacher_dim) if self.use_pooled else None
 
-    # ---- engine contract -------------------------------------------------------------------------------
-    def train(self, mode: bool = True) -> MaskedKnowledgeDistillation:
-        super().train(mode)
-        keep_eval(self.teacher)
-        return self
-
+    # ---- engine contract (the rest: DistilsFixedTeacher) ---------------------------------------------------
     def make_collate(self, seed: int) -> RandomKeepCollator:
         grid = self.cfg.crops.global_size // self.patch_size
         return RandomKeepCollator(grid * grid, self.cfg.distill.mask_ratio, seed)
-
-    def param_groups(self) -> list[dict]:
-        return vit_parameter_groups(self, self.student.backbone, self.cfg.optim)
-
-    def last_layer_parameters(self) -> list[nn.Parameter]:
-        return []
 
     def forward(self, batch: dict, schedule: dict) -> tuple[torch.Tensor, dict]:
         images, keep = batch["crops"][0], batch["keep"]  # (B, 3, H, W), (B, K)
@@ -139,12 +126,3 @@ class MaskedKnowledgeDistillation(nn.Module):
         outputs.update({f"pair{i}_loss": term.detach() for i, term in enumerate(terms[:len(self.pairs)])})
         outputs["kept_share"] = torch.tensor(keep.shape[1] / (images.shape[-1] // self.patch_size) ** 2)
         return torch.stack(terms).mean(), outputs
-
-    def monitor(self, outputs: dict) -> dict:
-        return {name: float(value) for name, value in outputs.items()}
-
-    def after_step(self, schedule: dict) -> None:
-        return None  # the teacher is fixed
-
-    def eval_backbone(self) -> nn.Module:
-        return self.student.backbone
