@@ -469,6 +469,9 @@ def validate(cfg: DictConfig) -> None:
     if not 0 <= low <= high < 1:
         raise ConfigError(f"config key 'method.mask_ratio' is [{low}, {high}]; it needs 0 <= min <= max < 1 "
                           "(shares of a crop's patches), e.g. method.mask_ratio=[0.1,0.5]")
+    if not 0 <= cfg.distill.mask_ratio < 1:
+        raise ConfigError(f"config key 'distill.mask_ratio' is {cfg.distill.mask_ratio}; it needs 0 <= ratio < 1 (the "
+                          "share of each image's patches hidden from student and teacher), e.g. distill.mask_ratio=0.75")
     if cfg.train.epochs <= 0 and cfg.train.max_steps <= 0:
         raise ConfigError("set train.epochs or train.max_steps to a positive number")
     if cfg.train.overwrite and cfg.train.resume:
@@ -562,6 +565,7 @@ RANGES = [
     ("method.predictor_depth", 1, INF, False), ("method.predictor_heads", 1, INF, False),
     ("teacher.seed", 0, INF, False), ("teacher.feature_block", -1, INF, False),
     ("teacher.student_init_scale", 0, 1, False),
+    ("distill.patch_weight", 0, INF, False), ("distill.tta_views", 1, INF, False), ("distill.tta_max_shift", 0, INF, False),
 ]
 
 

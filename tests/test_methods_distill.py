@@ -270,3 +270,12 @@ def test_distillation_recipes_beat_random_init(tmp_path):
     assert features["trained student"] > features["random init (same arch)"] + 5.0, features
     masked = recipe_knn(tmp_path, "masked_kd_digits_demo", f"teacher.source={tmp_path / 'feature-distill-digits'}")
     assert masked["trained student"] > masked["random init (same arch)"] + 2.0, masked
+
+
+@pytest.mark.parametrize("override, named", [("distill.mask_ratio=1.0", "distill.mask_ratio"),
+                                              ("distill.patch_weight=-1", "distill.patch_weight"),
+                                              ("distill.targets=cls", "distill.targets"),
+                                              ("distill.loss=kl", "distill.loss")])
+def test_distill_values_out_of_range_are_named_before_anything_runs(override, named):
+    with pytest.raises(ConfigError, match=named):
+        load_config("masked_kd_digits_demo", [override])
