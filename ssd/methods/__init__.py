@@ -9,6 +9,7 @@ from ssd.methods.ibot import MaskedDistillation
 from ssd.methods.ijepa import IJEPA
 from ssd.methods.mae import MaskedPixels
 from ssd.methods.masked_kd import MaskedKnowledgeDistillation
+from ssd.methods.poa import POA
 
 METHODS = {
     "dino": DINO,
@@ -19,6 +20,7 @@ METHODS = {
     "mae": MaskedPixels,
     "feature_distill": FeatureDistillation,
     "masked_kd": MaskedKnowledgeDistillation,
+    "poa": POA,
 }
 
 
@@ -38,4 +40,5 @@ __all__ = [
     "MaskedPixels",
     "FeatureDistillation",
     "MaskedKnowledgeDistillation",
+    "POA",
 ]
