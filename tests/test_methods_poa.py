@@ -149,6 +149,18 @@ def test_every_student_parameter_learns_and_the_teacher_never_does():
     assert {"loss_intact", "loss_elastic_teacher", "loss_elastic_intact", "elastic_width", "teacher_entropy"} <= set(stats)
 
 
+def test_one_teacher_forward_serves_the_intact_and_the_elastic_student():
+    """The teacher's targets are computed once per step and shared by both students (its global crops in one
+    batch), however the students run."""
+    method = poa_method().train()
+    teacher_calls, student_calls = [], []
+    method.teacher.backbone.patch_embed.register_forward_hook(lambda *_: teacher_calls.append(1))
+    method.student.backbone.patch_embed.register_forward_hook(lambda *_: student_calls.append(1))
+    method(a_batch(method), {"step": 0, "teacher_temp": 0.04})
+    assert len(teacher_calls) == 1
+    assert len(student_calls) == 2  # the intact student: one pass per crop size (32 and 16 px)
+
+
 @pytest.mark.slow
 def test_poa_sigkill_then_resume_is_bitwise_equal(tmp_path):
     assert_resume_after_sigkill_is_bitwise_equal(tmp_path, (*POA, "train.epochs=6", "data.num_workers=1"),
