@@ -57,6 +57,8 @@ def samples(count: int, views: list[int]) -> list[dict]:
 
 def reference_loss(student: torch.Tensor, teacher: torch.Tensor, kind: str) -> torch.Tensor:
     """float64, written out element by element."""
+    if kind == "cosine_l2":
+        return reference_loss(student, teacher, "cosine") + reference_loss(student, teacher, "l2")
     student, teacher = student.double(), teacher.double()
     if kind == "cosine":
         dots = (student * teacher).sum(-1)
@@ -70,7 +72,7 @@ def reference_loss(student: torch.Tensor, teacher: torch.Tensor, kind: str) -> t
     return torch.where(absolute < 1, 0.5 * difference ** 2, absolute - 0.5).mean()
 
 
-@pytest.mark.parametrize("kind", ["cosine", "smooth_l1", "l2"])
+@pytest.mark.parametrize("kind", ["cosine", "smooth_l1", "l2", "cosine_l2"])
 def test_feature_loss_matches_a_float64_reference_in_value_and_gradient(kind):
     torch.manual_seed(0)
     student = torch.randn(3, 5, 16, requires_grad=True)
@@ -90,7 +92,7 @@ def test_feature_loss_matches_a_float64_reference_in_value_and_gradient(kind):
 def test_feature_loss_refuses_mismatched_shapes_and_unknown_kinds():
     with pytest.raises(ValueError, match="differ in shape"):
         feature_distillation_loss(torch.zeros(2, 8), torch.zeros(2, 9))
-    with pytest.raises(ValueError, match="cosine, smooth_l1, l2"):
+    with pytest.raises(ValueError, match="cosine, smooth_l1, l2, cosine_l2"):
         feature_distillation_loss(torch.zeros(2, 8), torch.zeros(2, 8), "kl")
 
 

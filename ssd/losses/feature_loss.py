@@ -5,6 +5,8 @@
     smooth_l1   regression onto the teacher's features layer-normed over channels (as I-JEPA normalises its
     l2          targets, ssd/losses/latent_loss.py), so the loss cannot be lowered by matching the scale only and
                 every vector weighs alike
+    cosine_l2   the sum of cosine and l2 (PH-Reg's pairing, ssd/losses/dense_distill_loss.py, which keeps the
+                targets' own scale instead)
 
 Computed in at least fp32 (bf16 sums over wide features lose too much); the teacher side is expected detached.
 """
@@ -16,7 +18,7 @@ import torch.nn.functional as F
 
 from ssd.losses.latent_loss import latent_regression_loss
 
-KINDS = ("cosine", "smooth_l1", "l2")
+KINDS = ("cosine", "smooth_l1", "l2", "cosine_l2")
 
 
 def feature_distillation_loss(student: torch.Tensor, teacher: torch.Tensor, kind: str = "cosine") -> torch.Tensor:
@@ -25,6 +27,8 @@ def feature_distillation_loss(student: torch.Tensor, teacher: torch.Tensor, kind
         raise ValueError(f"unknown feature loss '{kind}'; choose one of {', '.join(KINDS)}")
     if student.shape != teacher.shape:
         raise ValueError(f"student {tuple(student.shape)} and teacher {tuple(teacher.shape)} features differ in shape")
+    if kind == "cosine_l2":
+        return feature_distillation_loss(student, teacher, "cosine") + feature_distillation_loss(student, teacher, "l2")
     if kind == "cosine":
         dtype = torch.promote_types(torch.promote_types(student.dtype, teacher.dtype), torch.float32)
         return (1.0 - F.cosine_similarity(student.to(dtype), teacher.to(dtype), dim=-1, eps=1e-8)).mean()

@@ -10,6 +10,7 @@ from ssd.methods.ijepa import IJEPA
 from ssd.methods.mae import MaskedPixels
 from ssd.methods.masked_kd import MaskedKnowledgeDistillation
 from ssd.methods.poa import POA
+from ssd.methods.posthoc_registers import PostHocRegisters
 
 METHODS = {
     "dino": DINO,
@@ -20,6 +21,7 @@ METHODS = {
     "mae": MaskedPixels,
     "feature_distill": FeatureDistillation,
     "masked_kd": MaskedKnowledgeDistillation,
+    "posthoc_registers": PostHocRegisters,
     "poa": POA,
 }
 
@@ -40,5 +42,6 @@ __all__ = [
     "MaskedPixels",
     "FeatureDistillation",
     "MaskedKnowledgeDistillation",
+    "PostHocRegisters",
     "POA",
 ]
