@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ssd.config import ConfigError, load_config
-from ssd.losses.dense_distill_loss import KINDS, dense_distill_loss
+from ssd.losses.feature_loss import KINDS, feature_distillation_loss
 from ssd.methods import build_method
 from ssd.models.tta_targets import augment, denoised_targets, draw_views
 from tests.test_methods_jepa import recipe_knn
@@ -136,7 +136,7 @@ def test_loss_matches_a_float64_reference_in_value_and_gradient(kind):
     student = (2 * torch.randn(3, 10, 16, dtype=torch.float64)).requires_grad_()
     targets = 2 * torch.randn(3, 10, 16, dtype=torch.float64)
     reference_student = student.detach().clone().requires_grad_()
-    loss = dense_distill_loss(student.float(), targets.float(), kind)
+    loss = feature_distillation_loss(student.float(), targets.float(), kind, normalize_targets=False)
     reference = reference_loss(reference_student, targets, kind)
     torch.testing.assert_close(loss.double(), reference, rtol=1e-5, atol=1e-6)
     loss.backward()
@@ -146,10 +146,12 @@ def test_loss_matches_a_float64_reference_in_value_and_gradient(kind):
 
 def test_loss_is_finite_in_bfloat16_and_zero_on_its_targets():
     targets = torch.randn(2, 64, 192)
-    assert torch.isfinite(dense_distill_loss(torch.randn(2, 64, 192).bfloat16(), targets.bfloat16(), "cosine_l2"))
-    assert dense_distill_loss(targets, targets, "cosine_l2") == pytest.approx(0.0, abs=1e-6)
+    unnormalized = {"kind": "cosine_l2", "normalize_targets": False}
+    assert torch.isfinite(feature_distillation_loss(torch.randn(2, 64, 192).bfloat16(), targets.bfloat16(),
+                                                    **unnormalized))
+    assert feature_distillation_loss(targets, targets, **unnormalized) == pytest.approx(0.0, abs=1e-6)
     with pytest.raises(ValueError, match="cosine_l2"):
-        dense_distill_loss(targets, targets, "l1")
+        feature_distillation_loss(targets, targets, "l1")
 
 
 # ---- the method on a tiny pretrained ViT ----------------------------------------------------------------------

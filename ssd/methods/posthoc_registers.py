@@ -43,7 +43,7 @@ from ssd.checkpoint_import import (
 )
 from ssd.config import ConfigError
 from ssd.data.seeded import collate_crops, mix_seeds
-from ssd.losses.dense_distill_loss import dense_distill_loss
+from ssd.losses.feature_loss import feature_distillation_loss
 from ssd.methods.fixed_teacher_base import DistilsFixedTeacher
 from ssd.models.backbone import build_backbone, encoder_network, patch_size_of
 from ssd.models.tokens import encode, require_tokens
@@ -181,7 +181,8 @@ class PostHocRegisters(DistilsFixedTeacher):
             targets = average_views(views, shifts, flips, self.patch_size, grid)  # (B, N, D)
             unaugmented = views.unflatten(0, flips.shape)[:, 0].float()  # (B, N, D), view 0
         patches = encode(self.student.backbone, images).patches  # (B, N, D)
-        loss = dense_distill_loss(patches, targets, self.cfg.distill.loss)
+        # Targets at their own scale: the student keeps the teacher's feature space.
+        loss = feature_distillation_loss(patches, targets, self.cfg.distill.loss, normalize_targets=False)
         # The student's fit, and how far denoising moved the targets from the teacher's own tokens.
         return loss, {"cosine_to_targets": F.cosine_similarity(patches.detach().float(), targets, dim=-1).mean(),
                       "teacher_cosine_to_targets": F.cosine_similarity(unaugmented, targets, dim=-1).mean()}
