@@ -281,3 +281,18 @@ def test_distillation_recipes_beat_random_init(tmp_path):
 def test_distill_values_out_of_range_are_named_before_anything_runs(override, named):
     with pytest.raises(ConfigError, match=named):
         load_config("masked_kd_digits_demo", [override])
+
+
+@pytest.mark.slow
+def test_masked_kd_on_two_processes_trains_as_on_one(tmp_path, teacher_run):
+    """The kept patches follow each sample, not its process: the same global batch on 1 and 2 gloo processes gives
+    the same weights, and neither stores the frozen teacher."""
+    same = (*MASKED, "model.patch_size=8", "model.drop_path_rate=0.0", "teacher.kind=frozen",
+            f"teacher.source={teacher_run}", "train.max_steps=4")
+    run_training(tiny_overrides(tmp_path, "one", *same))
+    result = run_training(tiny_overrides(tmp_path, "two", *same), nproc=2)
+    assert "on 2 process(es)" in result.stderr
+    one, two = final_weights(tmp_path / "one"), final_weights(tmp_path / "two")
+    assert not [key for key in two if key.startswith("teacher.")]
+    for name in one:
+        torch.testing.assert_close(two[name], one[name], rtol=1e-5, atol=1e-6)
