@@ -49,6 +49,10 @@ class DINOLoss(nn.Module):
     def teacher_probs(self, teacher_logits: torch.Tensor, teacher_temp: float) -> torch.Tensor:
         return centered_softmax(teacher_logits, self.center, teacher_temp)
 
+    def collect(self, teacher_logits: torch.Tensor) -> None:
+        """Adds teacher logits to the statistics of the next `update_center()`."""
+        self._center_ema.collect(teacher_logits.detach())
+
     def forward(
         self,
         student_logits: torch.Tensor,
@@ -63,7 +67,7 @@ class DINOLoss(nn.Module):
         loss = dino_cross_entropy(
             student_logits, probs, num_student_views, num_teacher_views, self.student_temp
         )
-        self._center_ema.collect(teacher_logits)
+        self.collect(teacher_logits)
         return loss, probs
 
     @torch.no_grad()

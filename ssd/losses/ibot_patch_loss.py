@@ -68,6 +68,10 @@ class IBOTPatchLoss(nn.Module):
     def teacher_probs(self, teacher_logits: torch.Tensor, teacher_temp: float) -> torch.Tensor:
         return centered_softmax(teacher_logits, self.center, teacher_temp)
 
+    def collect(self, teacher_logits: torch.Tensor) -> None:
+        """Adds teacher logits to the statistics of the next `update_center()`."""
+        self._center_ema.collect(teacher_logits.detach())
+
     def forward(
         self,
         student_logits: torch.Tensor,  # (M, K)
@@ -80,7 +84,7 @@ class IBOTPatchLoss(nn.Module):
         teacher_logits = teacher_logits.detach()
         probs = self.teacher_probs(teacher_logits, teacher_temp)
         loss = ibot_masked_cross_entropy(student_logits, probs, token_weights, num_images, self.student_temp)
-        self._center_ema.collect(teacher_logits)
+        self.collect(teacher_logits)
         return loss, probs
 
     def update_center(self) -> None:

@@ -102,24 +102,50 @@ class MaskedDistillation(EvaluatesTrainedNetwork, nn.Module):
         # Each masked patch weighs 1 / (masked patches of its image): a per-image mean, as iBOT defines it.
         token_weights = masked_token_weights(masks)  # (M,)
 
-        with torch.no_grad():
-            teacher = self.teacher.encode(global_images)
-            teacher_cls_logits = self.teacher.head(teacher.cls)  # (2B, K)
-            teacher_patch_logits = self.teacher.score_patches(teacher.patches[rows, columns])  # (M, K_patch)
+        targets = self.teacher_targets(global_images, rows, columns, schedule)
+        loss, outputs, student = self.student_losses(self.student, global_images, crops, masks, rows, columns,
+                                                     token_weights, targets)
+        outputs.update(teacher_probs=targets["cls_probs"], teacher_features=targets["cls_features"],
+                       masked_share=masks.float().mean().detach())
+        return loss, outputs, student, global_images
 
-        student = self.student.encode(global_images, masks)
+    @torch.no_grad()
+    def teacher_targets(self, global_images: torch.Tensor, rows: torch.Tensor, columns: torch.Tensor,
+                        schedule: dict) -> dict:
+        """What every student matches, computed once per step: the teacher's class-token distributions of the
+        global crops (2B, K), its patch distributions at the M masked positions (M, K_patch), centred (EMA center,
+        whose statistics are collected here, or Sinkhorn-Knopp), and its class tokens (for the monitors)."""
+        teacher = self.teacher.encode(global_images)
+        cls_logits = self.teacher.head(teacher.cls)  # (2B, K)
+        patch_logits = self.teacher.score_patches(teacher.patches[rows, columns])  # (M, K_patch)
+        return {"cls_probs": self._centred(cls_logits, schedule["teacher_temp"], self.dino_loss),
+                "patch_probs": self._centred(patch_logits, schedule["patch_teacher_temp"], self.patch_loss),
+                "cls_features": teacher.cls}
+
+    def _centred(self, logits: torch.Tensor, temp: float, centre_owner: nn.Module) -> torch.Tensor:
+        if self.cfg.method.centering == "sinkhorn":
+            return sinkhorn_knopp(logits, temp)
+        centre_owner.collect(logits)
+        return centre_owner.teacher_probs(logits, temp)
+
+    def student_losses(self, network: TokenNetwork, global_images: torch.Tensor, crops: list[torch.Tensor],
+                       masks: torch.Tensor, rows: torch.Tensor, columns: torch.Tensor, token_weights: torch.Tensor,
+                       targets: dict):
+        """One student's DINO, iBOT and KoLeo losses against `targets`: (loss, outputs, its tokens of the masked
+        global crops (2B, 3, H, W), which are the first two of `crops`)."""
+        method = self.cfg.method
+        student = network.encode(global_images, masks)
         student_cls = [student.cls]
         local_crops = crops[NUM_GLOBAL_VIEWS:NUM_GLOBAL_VIEWS + self.cfg.crops.local_number]  # extra crops follow
         if local_crops:
-            student_cls.append(self.student.encode(torch.cat(local_crops)).cls)
-        student_cls_logits = self.student.head(torch.cat(student_cls))  # (V * B, K)
-        student_patch_logits = self.student.score_patches(student.patches[rows, columns])  # (M, K_patch)
-
+            student_cls.append(network.encode(torch.cat(local_crops)).cls)
+        student_cls_logits = network.head(torch.cat(student_cls))  # (V * B, K)
+        student_patch_logits = network.score_patches(student.patches[rows, columns])  # (M, K_patch)
         num_views = NUM_GLOBAL_VIEWS + len(local_crops)
-        cls_loss, teacher_probs = self._class_loss(student_cls_logits, teacher_cls_logits, num_views, schedule)
-        patch_loss = self._patch_loss(student_patch_logits, teacher_patch_logits, token_weights, len(masks),
-                                      schedule)
-        method = self.cfg.method
+        cls_loss = dino_cross_entropy(student_cls_logits, targets["cls_probs"], num_views, NUM_GLOBAL_VIEWS,
+                                      method.student_temp)
+        patch_loss = ibot_masked_cross_entropy(student_patch_logits, targets["patch_probs"], token_weights,
+                                               len(masks), method.student_temp)
         loss = cls_loss + method.patch_loss_weight * patch_loss
         koleo = loss.new_zeros(())
         if method.koleo_weight > 0:
@@ -129,28 +155,9 @@ class MaskedDistillation(EvaluatesTrainedNetwork, nn.Module):
             loss = loss + method.koleo_weight * koleo
         # Keeps the mask token in the graph when no patch of this micro-batch is masked (DDP expects a gradient
         # for every parameter on every rank).
-        loss = loss + 0.0 * self.student.mask_token.sum()
-        outputs = {"teacher_probs": teacher_probs.detach(), "teacher_features": teacher.cls.detach(),
-                   "loss_class": cls_loss.detach(), "loss_patch": patch_loss.detach(), "loss_koleo": koleo.detach(),
-                   "masked_share": masks.float().mean().detach()}
-        return loss, outputs, student, global_images
-
-    def _class_loss(self, student_logits, teacher_logits, num_views: int, schedule: dict):
-        if self.cfg.method.centering == "sinkhorn":
-            probs = sinkhorn_knopp(teacher_logits, schedule["teacher_temp"])
-            loss = dino_cross_entropy(student_logits, probs, num_views, NUM_GLOBAL_VIEWS, self.cfg.method.student_temp)
-            return loss, probs
-        return self.dino_loss(student_logits, teacher_logits, num_student_views=num_views,
-                              num_teacher_views=NUM_GLOBAL_VIEWS, teacher_temp=schedule["teacher_temp"])
-
-    def _patch_loss(self, student_logits, teacher_logits, token_weights, num_images: int, schedule: dict):
-        temp = schedule["patch_teacher_temp"]
-        if self.cfg.method.centering == "sinkhorn":
-            probs = sinkhorn_knopp(teacher_logits, temp)
-            return ibot_masked_cross_entropy(student_logits, probs, token_weights, num_images,
-                                             self.cfg.method.student_temp)
-        loss, _ = self.patch_loss(student_logits, teacher_logits, token_weights, num_images, temp)
-        return loss
+        loss = loss + 0.0 * network.mask_token.sum()
+        outputs = {"loss_class": cls_loss.detach(), "loss_patch": patch_loss.detach(), "loss_koleo": koleo.detach()}
+        return loss, outputs, student
 
     def monitor(self, outputs: dict) -> dict:
         stats = collapse_statistics(outputs["teacher_probs"], outputs["teacher_features"])
