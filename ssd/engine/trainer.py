@@ -98,6 +98,9 @@ class Trainer:
         self.optimizer = build_optimizer(self.method.param_groups(), cfg.optim.betas, self.device)
         self.trainable = [p for p in self.method.parameters() if p.requires_grad]
         self.amp_dtype = autocast_dtype(cfg.train.precision, self.device)
+        log.info("precision: %s (train.precision=%s; parameters and optimizer state in fp32)",
+                 f"{str(self.amp_dtype).removeprefix('torch.')} autocast on {self.device.type}" if self.amp_dtype
+                 else "fp32", cfg.train.precision)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         # Before compile and DDP: the probe steps run the plain modules.
         self.memory_estimate = self.check_memory() if cfg.train.memory_check else None
