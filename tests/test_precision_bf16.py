@@ -28,8 +28,10 @@ METHODS = {
     "ijepa": JEPA,
     "mae": MAE,
     "ijepa_random_teacher": (*JEPA, *RANDOM_TEACHER),
-    "feature_distill": (*FEATURES, *RANDOM_TEACHER, "teacher.arch=vit_tiny_patch16_224",
-                        "teacher.timm_kwargs={depth: 2, patch_size: 8, img_size: 32}"),
+    # A ViT student here: a resnet10t student under CPU bf16 autocast got a garbage gradient (NaN or 1e17 in
+    # layer4.0.conv1, where 16 px crops are 1 x 1) in about 1 run of 3 with identical losses, an uninitialised
+    # read in torch's CPU bf16 backward, not in this code (investigation in the issue note).
+    "feature_distill": (FEATURES[0], *RANDOM_TEACHER),
     "masked_kd": (*MASKED, "model.patch_size=8", *RANDOM_TEACHER),
     "poa": POA,
 }
