@@ -16,8 +16,8 @@ from ssd.config import ConfigError, load_config
 from ssd.data.random_keep import RandomKeepCollator
 from ssd.losses.feature_loss import feature_distillation_loss
 from ssd.methods import build_method
-from ssd.methods.feature_distill import same_size_groups
 from ssd.models.feature_maps import pooled_and_dense, resize_to
+from ssd.models.multicrop import same_size_groups
 from tests.tiny import (
     TINY_OVERRIDES,
     assert_resume_after_sigkill_is_bitwise_equal,

@@ -28,16 +28,8 @@ from ssd.losses.feature_loss import feature_distillation_loss
 from ssd.methods.fixed_teacher_base import DistilsFixedTeacher
 from ssd.models.backbone import build_student_backbone, encoder_network
 from ssd.models.feature_maps import build_projection, pooled_and_dense, resize_to
+from ssd.models.multicrop import same_size_groups
 from ssd.teachers import build_teacher, store_origin_instead
-
-
-def same_size_groups(crops: list[torch.Tensor]) -> list[torch.Tensor]:
-    """V tensors (B, 3, H_v, W_v) -> one (V_s * B, 3, H, W) tensor per crop size, in order of first appearance,
-    so that each network runs once per size instead of once per crop."""
-    by_size: dict[tuple[int, ...], list[torch.Tensor]] = {}
-    for crop in crops:
-        by_size.setdefault(tuple(crop.shape[-2:]), []).append(crop)
-    return [torch.cat(group) for group in by_size.values()]
 
 
 class FeatureDistillation(DistilsFixedTeacher):

@@ -16,7 +16,6 @@ intact student, so DDP needs no unused-parameter search.
 
 from __future__ import annotations
 
-import itertools
 import math
 import random
 
@@ -30,6 +29,7 @@ from ssd.methods.dino import DINO, NUM_GLOBAL_VIEWS
 from ssd.models.backbone import timm_kwargs
 from ssd.models.dino_head import DINOHead
 from ssd.models.elastic_vit import ElasticViT
+from ssd.models.multicrop import same_size_groups
 
 # POA samples small sub-networks more often: weights fall linearly from 3 (smallest) to 1 (largest) over the
 # widths and over the depths, multiplied (`net_select_scale` of its ViT recipes).
@@ -94,8 +94,7 @@ class POA(DINO):
 
     def elastic_logits(self, crops: list[torch.Tensor], width: int, depth: int) -> torch.Tensor:
         """Head outputs (V * B, K) of the (width, depth) sub-network, crops of one resolution in one pass."""
-        groups = itertools.groupby(crops, key=lambda crop: crop.shape[-2:])
-        features = torch.cat([self.elastic(torch.cat(list(group)), width, depth) for _, group in groups])
+        features = torch.cat([self.elastic(group, width, depth) for group in same_size_groups(crops)])
         return head_on_narrower_features(self.student.head, features)
 
     def forward(self, batch: dict, schedule: dict) -> tuple[torch.Tensor, dict]:
@@ -105,9 +104,10 @@ class POA(DINO):
         _, intact_logits = self.student(crops)
         width, depth = self.sample_size(schedule["step"])
         elastic_logits = self.elastic_logits(crops, width, depth)
-        # The DINO loss module centres the teacher and collects its logits for the centre update.
-        _, teacher_probs = self.loss(intact_logits, teacher_logits, num_student_views=len(crops),
-                                     num_teacher_views=NUM_GLOBAL_VIEWS, teacher_temp=schedule["teacher_temp"])
+        # Centred by the DINO loss module's centre, which collects the logits for its update after the step; the
+        # cross-entropies (the intact student's included) are poa_loss's.
+        teacher_probs = self.loss.teacher_probs(teacher_logits, schedule["teacher_temp"])
+        self.loss.collect(teacher_logits)
         terms = poa_loss(intact_logits, elastic_logits, teacher_probs, len(crops), NUM_GLOBAL_VIEWS,
                          self.cfg.method.student_temp, self.cfg.elastic.weight, self.cfg.elastic.from_intact_weight)
         outputs = {name: value.detach() for name, value in terms.items() if name != "loss"}

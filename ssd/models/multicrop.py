@@ -10,6 +10,17 @@ import torch
 import torch.nn as nn
 
 
+def same_size_groups(crops: list[torch.Tensor]) -> list[torch.Tensor]:
+    """V tensors (B, 3, H_v, W_v) -> one (V_s * B, 3, H, W) tensor per run of consecutive crops of one size, in
+    crop order: a network then runs once per size (the global crops together, the local crops together)."""
+    groups, start = [], 0
+    for end in range(1, len(crops) + 1):
+        if end == len(crops) or crops[end].shape[-2:] != crops[start].shape[-2:]:
+            groups.append(torch.cat(crops[start:end]))
+            start = end
+    return groups
+
+
 class MultiCropEncoder(nn.Module):
     def __init__(self, backbone: nn.Module, head: nn.Module):
         super().__init__()
@@ -18,15 +29,7 @@ class MultiCropEncoder(nn.Module):
 
     def backbone_features(self, crops: list[torch.Tensor]) -> torch.Tensor:
         """crops: V tensors (B, 3, H_v, W_v) -> pooled features (V * B, D), in crop order."""
-        outputs = []
-        start = 0
-        while start < len(crops):
-            end = start
-            while end < len(crops) and crops[end].shape[-2:] == crops[start].shape[-2:]:
-                end += 1
-            outputs.append(self.backbone(torch.cat(crops[start:end])))
-            start = end
-        return torch.cat(outputs)
+        return torch.cat([self.backbone(group) for group in same_size_groups(crops)])
 
     def forward(self, crops: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         features = self.backbone_features(crops)  # (V * B, D)
