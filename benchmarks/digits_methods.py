@@ -3,10 +3,11 @@ EMA teacher, or the student of a fixed teacher) next to random init and raw pixe
 `python -m ssd.train --config <name>_digits_demo` prints them.
 
     python benchmarks/digits_methods.py [--methods dino ibot dinov2 ijepa salt_stage1 salt_stage2 dino_random_teacher
-                                         feature_distill masked_kd]
+                                         feature_distill masked_kd multi_distill]
 
 Recipes with a frozen teacher read the run of another recipe of the same invocation (list it first, see
-TEACHER_OF): salt_stage2 <- salt_stage1, feature_distill <- dino, masked_kd <- feature_distill.
+TEACHER_OF): salt_stage2 <- salt_stage1, feature_distill <- dino, masked_kd <- feature_distill, multi_distill <-
+dinov2. A multi-student run gives one row per student, each next to its own architecture at random init.
 
 Each run is a subprocess (the real command); the table goes to stdout as JSON lines and a Markdown table.
 """
@@ -26,10 +27,11 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 # Recipes whose frozen teacher is the run of another recipe of the same invocation.
-TEACHER_OF = {"salt_stage2": "salt_stage1", "feature_distill": "dino", "masked_kd": "feature_distill"}
+TEACHER_OF = {"salt_stage2": "salt_stage1", "feature_distill": "dino", "masked_kd": "feature_distill",
+              "multi_distill": "dinov2"}
 
 
-def run_method(method: str, root: Path, extra: list[str]) -> tuple[dict, Path]:
+def run_method(method: str, root: Path, extra: list[str]) -> tuple[list[dict], Path]:
     run_name = f"{method}-digits-{time.strftime('%Y%m%d-%H%M%S')}"
     command = [sys.executable, "-m", "ssd.train", "--config", f"{method}_digits_demo", f"output.root={root}",
                f"output.run_name={run_name}", "log.progress_bar=false", *extra]
@@ -42,11 +44,14 @@ def run_method(method: str, root: Path, extra: list[str]) -> tuple[dict, Path]:
     steps = [json.loads(line)["step"] for line in (root / run_name / "metrics.jsonl").read_text().splitlines()]
     top1 = {name: values["k=20"]["top1"] for name, values in report["results"].items() if isinstance(values, dict)
             and "k=20" in values}
-    trained = next(name for name in top1 if name.startswith("trained "))
-    row = {"method": method, "steps": steps[-1], "minutes": round(minutes, 2), "evaluated": trained,
-           "knn_trained": top1[trained], "knn_random_init": top1["random init (same arch)"],
-           "knn_raw_pixels": top1["raw pixels"], "overrides": extra}
-    return row, root / run_name
+    trained = [name for name in top1 if name.startswith("trained ")]
+    rows = []
+    for name in trained:
+        baseline = "random init (same arch)" if len(trained) == 1 else f"random init ({name[len('trained '):]}'s arch)"
+        rows.append({"method": method, "steps": steps[-1], "minutes": round(minutes, 2), "evaluated": name,
+                     "knn_trained": top1[name], "knn_random_init": top1[baseline],
+                     "knn_raw_pixels": top1["raw pixels"], "overrides": extra})
+    return rows, root / run_name
 
 
 def main() -> None:
@@ -64,8 +69,8 @@ def main() -> None:
             if teacher not in runs:
                 raise SystemExit(f"{method} needs the run of {teacher} as its teacher: list {teacher} before it")
             extra.append(f"teacher.source={runs[teacher]}")
-        row, runs[method] = run_method(method, Path(args.output_root), extra)
-        rows.append(row)
+        method_rows, runs[method] = run_method(method, Path(args.output_root), extra)
+        rows.extend(method_rows)
     for row in rows:
         print(json.dumps(row))
     print("\n| method | steps | minutes | evaluated | k-NN trained | random init | raw pixels |\n|---|---|---|---|---|---|---|")

@@ -36,8 +36,9 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("weights", help="run folder, ssd checkpoint (.pt), ssd export (folder or .safetensors), "
                                         "or an official DINO / DINOv2 .pth")
-    parser.add_argument("--which", choices=("teacher", "student"), default="teacher",
-                        help="backbone to evaluate (DINO evaluates the teacher)")
+    parser.add_argument("--which", default="teacher", metavar="{teacher,student,<student name>}",
+                        help="backbone to evaluate (DINO evaluates the teacher; a multi_distill run names each "
+                        "student, the first by default)")
     group = parser.add_argument_group("architecture of official weights (ssd files record their own)")
     group.add_argument("--arch", default=None, help="timm name, e.g. vit_small_patch16_224, vit_small_patch14_dinov2 "
                                                     "(default: the architecture the weights record)")

@@ -94,21 +94,40 @@ def is_native(content: dict) -> bool:
 
 def trained_network(content: dict, which: str) -> str:
     """`which` as a file can answer it: a run with a frozen or random teacher stores only where that teacher came
-    from, and its trained network, what "teacher" means to evaluation and export, is the student."""
+    from, and its trained network, what "teacher" means to evaluation and export, is the student. A multi-student
+    run names its students (`networks`), the first being what "teacher" and "student" mean."""
+    networks = content.get("networks") or {}
+    if networks:
+        if which in ("teacher", "student"):
+            return next(iter(networks))
+        if which not in networks:
+            raise WeightsError(f"this checkpoint has no network {which!r}: it holds the students "
+                               f"{', '.join(networks)} (pass one of them as --which)")
+        return which
+    if which not in ("teacher", "student"):
+        raise WeightsError(f"--which {which!r} names a student of a multi-student run; this file holds a teacher "
+                           "and a student: pass --which teacher or --which student")
     if which == "teacher" and content.get("eval_backbone") == "student":
         return "student"
     return which
 
 
+def network_model(content: dict, which: str) -> dict:
+    """The model config of the `which` network of an ssd checkpoint: a multi-student run records one per student."""
+    networks = content.get("networks") or {}
+    if networks:
+        return dict(networks[trained_network(content, which)]["model"])
+    return dict(content["config"]["model"])
+
+
 def select_backbone_state(content: dict, which: str = "teacher") -> dict[str, torch.Tensor]:
     """The backbone's state dict inside a checkpoint of any supported layout, prefixes removed."""
-    if which not in ("teacher", "student"):
-        raise ValueError(f"which must be 'teacher' or 'student', not {which!r}")
+    which = trained_network(content, which)
     content = {k: v for k, v in content.items() if k != "__format__"}
     if content.get("format") == "ssd.checkpoint":
         state = content["method"]
-        which = trained_network(content, which)
-        prefix = f"{which}.backbone."
+        networks = content.get("networks") or {}
+        prefix = networks[which]["prefix"] if networks else f"{which}.backbone."
     elif isinstance(content.get(which), dict):  # DINO checkpoint.pth, DINOv2 teacher_checkpoint.pth
         state, prefix = content[which], ""
     elif isinstance(content.get("model"), dict):  # DINOv2 (fvcore) training checkpoint
@@ -214,8 +233,9 @@ def load_backbone_weights(backbone: torch.nn.Module, path: str | Path, which: st
     return path
 
 
-def model_info(path: Path, content: dict) -> dict | None:
-    """``{"model": model-config dict, "mean", "std"}`` recorded by an ssd checkpoint or export, else None."""
+def model_info(path: Path, content: dict, which: str = "teacher") -> dict | None:
+    """``{"model": model-config dict, "mean", "std"}`` recorded by an ssd checkpoint (of its ``which`` network)
+    or export, else None."""
     if path.suffix == ".safetensors":
         config_file = path.with_name(EXPORT_CONFIG)
         return read_export_config(config_file) if config_file.is_file() else None
@@ -223,7 +243,7 @@ def model_info(path: Path, content: dict) -> dict | None:
         return None
     config = content["config"]
     evaluation = config.get("eval", {})
-    return {"model": dict(config["model"]), "mean": list(config["data"]["mean"]), "std": list(config["data"]["std"]),
+    return {"model": network_model(content, which), "mean": list(config["data"]["mean"]), "std": list(config["data"]["std"]),
             "resize": evaluation.get("resize_size"), "crop": evaluation.get("crop_size"), "step": content.get("step")}
 
 
@@ -261,7 +281,7 @@ def load_backbone_for_eval(path: str | Path, which: str = "teacher", model_value
     from ssd.models.backbone import build_backbone
 
     path, content = read_weights(path)
-    info = model_info(path, content) or {"model": None, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+    info = model_info(path, content, which) or {"model": None, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
     values = info["model"] or model_values
     if values is None:
         raise WeightsError(f"{path} does not record its architecture (official DINO/DINOv2 file): pass --arch "

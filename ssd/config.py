@@ -8,6 +8,7 @@ an unknown key names the nearest valid one, a wrong type names the key, the valu
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import re
 from dataclasses import dataclass, field
@@ -130,6 +131,11 @@ class DistillConfig:
     trainable: list[str] = field(default_factory=list)
     tta_views: int = 8  # posthoc_registers: shifted/flipped views averaged into the teacher's denoised targets
     tta_max_shift: int = 0  # posthoc_registers: largest shift in pixels (0: half a patch)
+    # multi_distill: the students trained together against one teacher forward, each a mapping with a `name`, any
+    # model.* keys that differ from model.* (arch, img_size, patch_size, drop_path_rate, num_registers,
+    # timm_kwargs, pretrained) and an optional `lr_multiplier`, e.g.
+    # [{name: small, timm_kwargs: {embed_dim: 96}}, {name: conv, arch: convnext_atto, lr_multiplier: 2.0}]
+    students: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass
@@ -288,7 +294,7 @@ class Config:
 
 CHOICES = {
     "method.name": ("dino", "ibot", "dinov2", "dinov3", "ijepa", "mae", "feature_distill", "masked_kd",
-                    "posthoc_registers", "poa"),
+                    "posthoc_registers", "poa", "multi_distill"),
     "distill.targets": ("pooled", "patches", "both"),
     "distill.loss": ("cosine", "smooth_l1", "l2", "cosine_l2"),
     "distill.projection": ("linear", "mlp"),
@@ -489,13 +495,14 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"teacher.feature_block picks the features that method.name=ijepa regresses; "
                           f"{cfg.method.name} matches the teacher's head outputs: set teacher.feature_block=-1")
     _check_views(cfg)
+    student_specs(cfg)
     if cfg.data.dataset != "digits" and not cfg.data.root:
         raise ConfigError(f"data.dataset={cfg.data.dataset} needs data.root=/path/to/images")
 
 
 SINGLE_VIEW_METHODS = ("ijepa", "mae", "masked_kd", "posthoc_registers")  # one crop per image, no local crops
 ANY_VIEWS_METHODS = ("feature_distill",)  # every crop, global or local, goes through teacher and student
-FIXED_TEACHER_METHODS = ("feature_distill", "masked_kd", "posthoc_registers")  # distillation: teacher.kind frozen/random
+FIXED_TEACHER_METHODS = ("feature_distill", "masked_kd", "posthoc_registers", "multi_distill")  # distillation: teacher.kind frozen/random
 
 
 def _check_views(cfg: DictConfig) -> None:
@@ -510,6 +517,62 @@ def _check_views(cfg: DictConfig) -> None:
     if name in FIXED_TEACHER_METHODS and cfg.teacher.kind == "ema":
         raise ConfigError(f"method.name={name} distils a fixed teacher into the student: set teacher.kind=frozen "
                           "teacher.source=<run folder, checkpoint or weights file> (or teacher.kind=random)")
+
+
+STUDENT_OWN_KEYS = ("name", "lr_multiplier")
+ARCH_SPECIFIC_KEYS = ("patch_size", "num_registers", "timm_kwargs", "pretrained")
+STUDENT_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]*")
+
+
+def student_specs(cfg: DictConfig) -> list[dict]:
+    """multi_distill's students, checked: [{"name", "model": model.* with the entry's keys on top (a given
+    timm_kwargs replaces model.timm_kwargs whole), "lr_multiplier"}], in the order given. An entry with an arch of
+    its own leaves model.*'s architecture-specific keys (patch size, registers, timm_kwargs, weights) behind."""
+    entries = OmegaConf.to_container(cfg.distill.students, resolve=True)
+    if cfg.method.name != "multi_distill":
+        if entries:
+            raise ConfigError(f"distill.students lists the students of method.name=multi_distill; "
+                              f"method.name={cfg.method.name} trains model.* alone: set distill.students=[]")
+        return []
+    if not entries:
+        raise ConfigError("method.name=multi_distill needs distill.students, e.g. distill.students='[{name: small}, "
+                          "{name: conv, arch: convnext_atto}]' (each entry: a name, model.* keys that differ, an "
+                          "optional lr_multiplier)")
+    model_keys = [f.name for f in dataclasses.fields(ModelConfig)]
+    specs, seen = [], set()
+    for index, entry in enumerate(entries):
+        where = f"distill.students[{index}]"
+        if not isinstance(entry, dict):
+            raise ConfigError(f"{where} is {entry!r}; each student is a mapping such as {{name: small, arch: "
+                              "vit_small_patch16_224}")
+        name = str(entry.get("name", ""))
+        if not STUDENT_NAME.fullmatch(name):
+            raise ConfigError(f"{where} needs a name of letters, digits and _ starting with a letter (it names the "
+                              f"student in logs, checkpoints and `ssd.export --which`); got {entry.get('name')!r}")
+        if name in seen or name in ("teacher", "student"):
+            raise ConfigError(f"{where}: the name {name!r} is " + ("taken by an earlier student" if name in seen else
+                              "reserved (it means the run's default network)") + "; give each student its own name")
+        seen.add(name)
+        unknown = sorted(set(entry) - set(model_keys) - set(STUDENT_OWN_KEYS))
+        if unknown:
+            close = difflib.get_close_matches(unknown[0], model_keys + list(STUDENT_OWN_KEYS), n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ConfigError(f"{where} ({name}) has unknown key(s) {', '.join(unknown)}{hint}; a student takes "
+                              f"{', '.join(STUDENT_OWN_KEYS + tuple(model_keys))}")
+        lr_multiplier = entry.get("lr_multiplier", 1.0)
+        if not isinstance(lr_multiplier, (int, float)) or lr_multiplier <= 0:
+            raise ConfigError(f"{where} ({name}) has lr_multiplier={lr_multiplier!r}; it must be a positive number")
+        model = to_dict(cfg.model)
+        if "arch" in entry and entry["arch"] != model["arch"]:  # model.*'s architecture-specific keys stay behind
+            defaults = dataclasses.asdict(ModelConfig())
+            model.update({key: defaults[key] for key in ARCH_SPECIFIC_KEYS})
+        model.update({key: value for key, value in entry.items() if key in model_keys})
+        try:
+            model = OmegaConf.to_container(OmegaConf.merge(OmegaConf.structured(ModelConfig), model))
+        except (ValidationError, ConfigKeyError) as error:
+            raise ConfigError(f"{where} ({name}): {' '.join(str(error).split())[:200]}") from None
+        specs.append({"name": name, "model": model, "lr_multiplier": float(lr_multiplier)})
+    return specs
 
 
 def _check_teacher(teacher) -> None:

@@ -31,6 +31,7 @@ from ssd.checkpoint_import import (
     WeightsError,
     load_state_from_content,
     model_config,
+    network_model,
     read_weights,
     trained_network,
 )
@@ -122,9 +123,9 @@ def export_backbone(checkpoint: str | Path, out_dir: str | Path, which: str = "t
     if state.get("format") != "ssd.checkpoint":
         raise WeightsError(f"{path} is not an ssd checkpoint; export reads ssd runs (official weights already "
                            "load with ssd.checkpoint_import.load_backbone_weights)")
-    model_cfg = model_config(dict(state["config"]["model"]))
-    backbone = build_backbone(model_cfg)
     which = trained_network(state, which)
+    model_cfg = model_config(network_model(state, which))
+    backbone = build_backbone(model_cfg)
     load_state_from_content(backbone, state, which, str(path))
     source = {"checkpoint": str(path.resolve()), "which": which, "step": state.get("step"),
               "method": state["config"].get("method", {}).get("name")}
@@ -155,9 +156,10 @@ def main(argv=None) -> Path:
     parser.add_argument("checkpoint", help="ssd checkpoint file or run folder (its newest checkpoint is used)")
     parser.add_argument("--output", "--out", dest="output", required=True,
                         help="output folder (model.safetensors + config.json)")
-    parser.add_argument("--which", choices=("teacher", "student"), default="teacher",
+    parser.add_argument("--which", default="teacher", metavar="{teacher,student,<student name>}",
                         help="which backbone to export; the teacher is the one DINO evaluates (a run with a frozen "
-                        "or random teacher exports its student, the network it trained)")
+                        "or random teacher exports its student, the network it trained; a multi_distill run names "
+                        "each student, the first by default)")
     args = parser.parse_args(argv)
     out_dir = export_backbone(args.checkpoint, args.output, args.which)
     config = json.loads((out_dir / EXPORT_CONFIG).read_text())

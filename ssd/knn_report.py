@@ -65,36 +65,49 @@ def knn_of(backbone: nn.Module, data: dict, cfg, device, shard: bool, search: bo
     return results, skipped, seconds
 
 
-def run_header(cfg, run_dir: Path, which: str = "teacher") -> dict:
+def run_header(cfg, run_dir: Path, which: str = "teacher", arch: str | None = None) -> dict:
     """The report header for the run's newest checkpoint (the final one: the network evaluated here)."""
     checkpoints = list_checkpoints(run_dir)
     return reports.header(
         protocol="knn", weights=checkpoints[-1] if checkpoints else None, which=which,
-        step=step_of(checkpoints[-1]) if checkpoints else None, arch=cfg.model.arch,
+        step=step_of(checkpoints[-1]) if checkpoints else None, arch=arch or cfg.model.arch,
         resize=cfg.eval.resize_size, crop=cfg.eval.crop_size, dataset=cfg.data.dataset, data_root=cfg.data.root,
         train_split=cfg.data.split, test_split=cfg.eval.test_split,
         subset=None, on_bad_image=cfg.data.on_bad_image,
         max_image_pixels=cfg.data.max_image_pixels)
 
 
-def knn_report(cfg, backbone: nn.Module, run_dir: Path, device: torch.device, which: str = "teacher") -> dict:
-    """The end-of-run table and `<run>/knn.json` for the trained `backbone` (the method's `which` network: the
-    EMA teacher, or the student of a fixed teacher). Runs on one process (rank 0) while the others wait."""
+def knn_candidates(cfg, networks: dict) -> dict[str, nn.Module]:
+    """Table rows: each trained network, its architecture at the run's initial weights, and raw pixels. With
+    several networks (students of a multi-student run) each random-init row names whose architecture it is."""
+    from ssd.checkpoint_import import model_config
+
+    candidates = {}
+    for which, (backbone, _) in networks.items():
+        candidates[trained_name(which)] = backbone
+    for which, (_, model) in networks.items():
+        name = RANDOM_INIT if len(networks) == 1 else f"random init ({which}'s arch)"
+        candidates[name] = random_init_backbone(model_config(model), cfg.train.seed)
+    candidates[RAW_PIXELS] = raw_pixels_model()
+    return candidates
+
+
+def knn_report(cfg, networks: dict, run_dir: Path, device: torch.device) -> dict:
+    """The end-of-run table and `<run>/knn.json` for the trained `networks` ({which: (backbone, model config
+    dict)}: the EMA teacher, the student of a fixed teacher, or each student of a multi-student run). Runs on
+    one process (rank 0) while the others wait."""
     data = held_out_data(cfg)
+    which = ", ".join(networks)
     log.info("end-of-run k-NN: %d training and %d held-out images (split %r) at resize %d / crop %d, k in %s, for "
              "the trained %s, the same architecture at random init, and raw pixels", len(data["train"]),
              len(data["test"]), cfg.eval.test_split, cfg.eval.resize_size, cfg.eval.crop_size, list(cfg.eval.knn_k), which)
-    candidates = {
-        trained_name(which): backbone,
-        RANDOM_INIT: random_init_backbone(cfg.model, cfg.train.seed),  # the run's own initial weights
-        RAW_PIXELS: raw_pixels_model(),
-    }
     results, seconds = {}, {}
-    for name, model in candidates.items():
+    for name, model in knn_candidates(cfg, networks).items():
         results[name], skipped, seconds[name] = knn_of(model, data, cfg, device, shard=False)
         log.info("k-NN %-22s %s", name, "  ".join(f"{k}: {v['top1']:.1f}%" for k, v in results[name].items()))
+    arch = ", ".join(dict.fromkeys(model["arch"] for _, model in networks.values()))
     report = reports.knn_json(
-        run_header(cfg, run_dir, which), train_size=len(data["train"]) - skipped["train"],
+        run_header(cfg, run_dir, which, arch), train_size=len(data["train"]) - skipped["train"],
         test_size=len(data["test"]) - skipped["test"], skipped_images=skipped, ks=cfg.eval.knn_k,
         temperature=cfg.eval.knn_temperature, search={"backend": "auto", "index": "flat"}, results=results,
         seconds=seconds)

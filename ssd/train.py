@@ -107,6 +107,16 @@ def run_summary(result: dict) -> str:
     return line
 
 
+def evaluated_networks(method, cfg) -> dict:
+    """{which: (backbone, model config dict)}: what the end-of-run k-NN reports (one network, or each student of
+    a multi-student run)."""
+    if hasattr(method, "eval_backbones"):
+        return method.eval_backbones()
+    from ssd.config import to_dict
+
+    return {getattr(method, "eval_network", "teacher"): (method.eval_backbone(), to_dict(cfg.model))}
+
+
 def run(cfg) -> dict:
     """Train in this process (one rank of a job when WORLD_SIZE > 1). Returns status, step and run folder.
 
@@ -143,8 +153,7 @@ def run(cfg) -> dict:
             if dist_info.is_main:
                 from ssd.knn_report import knn_report
 
-                result["knn"] = knn_report(cfg, method.eval_backbone(), run_dir, dist_info.device,
-                                           which=getattr(method, "eval_network", "teacher"))
+                result["knn"] = knn_report(cfg, evaluated_networks(method, cfg), run_dir, dist_info.device)
             distributed.barrier()
         if dist_info.is_main:
             log.info("%s at step %d; run folder: %s", result["status"], result["step"], run_dir.resolve())

@@ -27,6 +27,18 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.get_closest_marker("long") is not None and item.get_closest_marker("timeout") is None:
             item.add_marker(pytest.mark.timeout(LONG_TEST_TIMEOUT_S))
+
+
+@pytest.fixture(scope="session")
+def teacher_run(tmp_path_factory) -> Path:
+    """A tiny DINO run (tests/tiny.py, 3 steps): the frozen teacher of the distillation tests."""
+    from tests.tiny import run_training, tiny_overrides
+
+    root = tmp_path_factory.mktemp("teacher")
+    run_training(tiny_overrides(root, "teacher", "train.max_steps=3"))
+    return root / "teacher"
+
+
 CIFAR10_ZIP = REPO_ROOT.parent / "shared" / "data" / "cifar10-jpeg.zip"
 ZIP_TOP_FOLDER = "cifar10"  # the zip holds cifar10/train/<class>/*.jpg and cifar10/test/...
 

@@ -50,7 +50,7 @@ def test_end_of_run_report_and_command_write_the_same_document(finished_run, tmp
     from ssd.knn_report import knn_report
 
     cfg, teacher, run_dir = finished_run
-    from_run = knn_report(cfg, teacher, run_dir, torch.device("cpu"))
+    from_run = knn_report(cfg, {"teacher": (teacher, dataclasses.asdict(cfg.model))}, run_dir, torch.device("cpu"))
     written = json.loads((run_dir / "knn.json").read_text())
     assert written == from_run
     from_command = knn.main([str(run_dir), "--dataset", "imagefolder", "--data-root", cfg.data.root, "--ks", "5",

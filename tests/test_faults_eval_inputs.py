@@ -126,13 +126,13 @@ def test_end_of_run_knn_report_skips_a_broken_test_image(folder_with_broken_imag
     from ssd.knn_report import knn_report
 
     with pytest.warns(BadImageWarning, match="broken_test.png"):
-        report = knn_report(cfg, build_backbone(TINY), tmp_path, torch.device("cpu"))
+        report = knn_report(cfg, {"teacher": (build_backbone(TINY), dataclasses.asdict(TINY))}, tmp_path, torch.device("cpu"))
     assert report["skipped_images"] == {"train": 1, "test": 1}
     assert json.loads((tmp_path / "knn.json").read_text())["skipped_images"] == {"train": 1, "test": 1}
     assert 0 <= report["results"]["raw pixels"]["k=3"]["top1"] <= 100
     cfg.data.on_bad_image = "fail"
     with pytest.raises(UnreadableImageError, match=r"broken_train\.jpg.*data\.on_bad_image=skip"):
-        knn_report(cfg, build_backbone(TINY), tmp_path, torch.device("cpu"))
+        knn_report(cfg, {"teacher": (build_backbone(TINY), dataclasses.asdict(TINY))}, tmp_path, torch.device("cpu"))
 
 
 def test_distributed_extraction_marks_unreadable_rows_on_every_process(folder_with_broken_images, tmp_path):

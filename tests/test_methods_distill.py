@@ -27,18 +27,12 @@ from tests.tiny import (
 )
 
 # Students: a ResNet learning a ViT's class token and patch tokens (feature_distill), and a narrower 4 px ViT on a
-# quarter of the patches (masked_kd). Teachers come from the tiny DINO run below (a 2-block ViT with 8 px patches).
+# quarter of the patches (masked_kd). Teachers come from the tiny DINO run `teacher_run` (tests/conftest.py: a
+# 2-block ViT with 8 px patches).
 RESNET = ("model.arch=resnet10t", "model.img_size=224", "model.patch_size=0", "model.timm_kwargs={}")
 FEATURES = ("method.name=feature_distill", *RESNET)
 MASKED = ("method.name=masked_kd", "crops.global_number=1", "crops.local_number=0", "distill.mask_ratio=0.75",
           "model.timm_kwargs.embed_dim=96", "model.timm_kwargs.num_heads=3", "distill.block_pairs=[[0,0],[-1,-1]]")
-
-
-@pytest.fixture(scope="module")
-def teacher_run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("teacher")
-    run_training(tiny_overrides(root, "teacher", "train.max_steps=3"))
-    return root / "teacher"
 
 
 def method_for(teacher_run, *overrides: str):

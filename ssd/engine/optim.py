@@ -54,3 +54,13 @@ def clip_gradients(parameters: list[nn.Parameter], max_norm: float, mode: str) -
             scales = (max_norm / (torch.stack(norms) + 1e-6)).clamp(max=1.0)  # one kernel, not one per tensor
             torch._foreach_mul_(grads, list(scales.unbind()))
     return total_norm
+
+
+def clip_gradient_sets(sets: list[list[nn.Parameter]], max_norm: float, mode: str) -> torch.Tensor:
+    """`clip_gradients` on each set alone (a multi-student run clips each student's gradients by their own norm);
+    returns the norm of all gradients together, before clipping."""
+    norms = [clip_gradients(parameters, max_norm, mode) for parameters in sets]
+    if len(norms) == 1:
+        return norms[0]
+    device = next((n.device for n in norms if n.device.type != "cpu"), norms[0].device)
+    return torch.linalg.vector_norm(torch.stack([n.to(device) for n in norms]))

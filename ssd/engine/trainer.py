@@ -3,7 +3,8 @@
     method.make_collate(seed)                    # how samples become a batch (masks for the masked methods)
     method.param_groups()                        # optimizer groups with lr multipliers; frozen parts left out
     loss, outputs = method(batch, schedule)      # forward + loss (student, teacher, heads inside)
-    backward -> clip -> optimizer step           # method.last_layer_parameters() frozen early on
+    backward -> clip -> optimizer step           # method.last_layer_parameters() frozen early on; clipped per
+                                                 # method.clip_sets() where a method trains several networks
     method.after_step(schedule)                  # teacher update, centres, snapshots
     method.monitor(outputs)                      # loss terms and collapse statistics, at log steps only
 
@@ -28,7 +29,7 @@ from ssd.data import ResumableDistributedSampler, SeededCropsDataset
 from ssd.engine import checkpoint as ckpt
 from ssd.engine import distributed, machine, memory, signals
 from ssd.engine.metrics import MetricsWriter, ProgressBar, peak_memory_mib
-from ssd.engine.optim import apply_schedule, build_optimizer, clip_gradients
+from ssd.engine.optim import apply_schedule, build_optimizer, clip_gradient_sets
 from ssd.engine.schedules import TrainingSchedule
 from ssd.engine.state import gather_rng_states, restore_rng
 from ssd.monitors import collapse_kind
@@ -97,6 +98,8 @@ class Trainer:
         self.schedule = TrainingSchedule(cfg, self.steps_per_epoch, cfg.train.batch_size)
         self.optimizer = build_optimizer(self.method.param_groups(), cfg.optim.betas, self.device)
         self.trainable = [p for p in self.method.parameters() if p.requires_grad]
+        # Gradients are clipped per set: one set for most methods, one per student for multi-student distillation.
+        self.clip_sets = self.method.clip_sets() if hasattr(self.method, "clip_sets") else [self.trainable]
         self.amp_dtype = autocast_dtype(cfg.train.precision, self.device)
         log.info("precision: %s (train.precision=%s; parameters and optimizer state in fp32)",
                  f"{str(self.amp_dtype).removeprefix('torch.')} autocast on {self.device.type}" if self.amp_dtype
@@ -171,6 +174,8 @@ class Trainer:
                     "health": health,
                     # what evaluation and export read: "teacher" (EMA) or "student" (fixed teachers)
                     "eval_backbone": getattr(self.method, "eval_network", "teacher"),
+                    # methods that train several networks (multi_distill): where each one is, and its model config
+                    "networks": getattr(self.method, "exported_networks", dict)(),
                 },
             )
             if not health["usable"]:
@@ -297,7 +302,7 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             raise NonFiniteLossError(f"loss is {loss.item()} at step {self.step}. " + self._recovery_advice())
         self.scaler.unscale_(self.optimizer)
-        grad_norm = clip_gradients(self.trainable, self.cfg.optim.clip_grad, self.cfg.optim.clip_mode)
+        grad_norm = clip_gradient_sets(self.clip_sets, self.cfg.optim.clip_grad, self.cfg.optim.clip_mode)
         if schedule["freeze_last_layer"]:
             for param in self.method.last_layer_parameters():
                 param.grad = None

@@ -9,6 +9,7 @@ from ssd.methods.ibot import MaskedDistillation
 from ssd.methods.ijepa import IJEPA
 from ssd.methods.mae import MaskedPixels
 from ssd.methods.masked_kd import MaskedKnowledgeDistillation
+from ssd.methods.multi_distill import MultiStudentDistillation
 from ssd.methods.poa import POA
 from ssd.methods.posthoc_registers import PostHocRegisters
 
@@ -23,6 +24,7 @@ METHODS = {
     "masked_kd": MaskedKnowledgeDistillation,
     "posthoc_registers": PostHocRegisters,
     "poa": POA,
+    "multi_distill": MultiStudentDistillation,
 }
 
 
@@ -44,4 +46,5 @@ __all__ = [
     "MaskedKnowledgeDistillation",
     "PostHocRegisters",
     "POA",
+    "MultiStudentDistillation",
 ]

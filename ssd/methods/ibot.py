@@ -133,41 +133,55 @@ class MaskedDistillation(EvaluatesTrainedNetwork, nn.Module):
                        targets: dict):
         """One student's DINO, iBOT and KoLeo losses against `targets`: (loss, outputs, its tokens of the masked
         global crops (2B, 3, H, W), which are the first two of `crops`)."""
-        method = self.cfg.method
         student = network.encode(global_images, masks)
-        student_cls = [student.cls]
-        local_crops = crops[NUM_GLOBAL_VIEWS:NUM_GLOBAL_VIEWS + self.cfg.crops.local_number]  # extra crops follow
-        if local_crops:
-            student_cls.append(network.encode(torch.cat(local_crops)).cls)
-        student_cls_logits = network.head(torch.cat(student_cls))  # (V * B, K)
-        student_patch_logits = network.score_patches(student.patches[rows, columns])  # (M, K_patch)
-        num_views = NUM_GLOBAL_VIEWS + len(local_crops)
+        local_crops = self.local_crops(crops)
+        local_cls = network.encode(torch.cat(local_crops)).cls if local_crops else None
+        loss, outputs = self.losses_from_features(network, student.cls, local_cls, student.patches[rows, columns],
+                                                  token_weights, len(masks), targets)
+        # Keeps the mask token in the graph when no patch of this micro-batch is masked (DDP expects a gradient
+        # for every parameter on every rank).
+        return loss + 0.0 * network.mask_token.sum(), outputs, student
+
+    def local_crops(self, crops: list[torch.Tensor]) -> list[torch.Tensor]:
+        return crops[NUM_GLOBAL_VIEWS:NUM_GLOBAL_VIEWS + self.cfg.crops.local_number]  # extra crops follow
+
+    def losses_from_features(self, network: TokenNetwork, global_cls: torch.Tensor, local_cls: torch.Tensor | None,
+                             masked_patches: torch.Tensor, token_weights: torch.Tensor, num_images: int,
+                             targets: dict) -> tuple[torch.Tensor, dict]:
+        """DINO on the class embeddings of the global (2B, D) and local (L * B, D) crops, iBOT on the embeddings at
+        the M masked positions (M, D), KoLeo on the global ones: (weighted sum, detached terms)."""
+        method = self.cfg.method
+        student_cls_logits = network.head(global_cls if local_cls is None else torch.cat([global_cls, local_cls]))
+        student_patch_logits = network.score_patches(masked_patches)  # (M, K_patch)
+        num_views = len(student_cls_logits) // (len(global_cls) // NUM_GLOBAL_VIEWS)
         cls_loss = dino_cross_entropy(student_cls_logits, targets["cls_probs"], num_views, NUM_GLOBAL_VIEWS,
                                       method.student_temp)
         patch_loss = ibot_masked_cross_entropy(student_patch_logits, targets["patch_probs"], token_weights,
-                                               len(masks), method.student_temp)
+                                               num_images, method.student_temp)
         loss = cls_loss + method.patch_loss_weight * patch_loss
         koleo = loss.new_zeros(())
         if method.koleo_weight > 0:
             # Nearest neighbours over the global batch, not each process's share: the same loss on any number of
             # processes (every rank computes it whole; DDP's gradient average then counts it once).
-            koleo = sum(koleo_loss(all_gather_with_grad(view)) for view in student.cls.chunk(NUM_GLOBAL_VIEWS))
+            koleo = sum(koleo_loss(all_gather_with_grad(view)) for view in global_cls.chunk(NUM_GLOBAL_VIEWS))
             loss = loss + method.koleo_weight * koleo
-        # Keeps the mask token in the graph when no patch of this micro-batch is masked (DDP expects a gradient
-        # for every parameter on every rank).
-        loss = loss + 0.0 * network.mask_token.sum()
-        outputs = {"loss_class": cls_loss.detach(), "loss_patch": patch_loss.detach(), "loss_koleo": koleo.detach()}
-        return loss, outputs, student
+        return loss, {"loss_class": cls_loss.detach(), "loss_patch": patch_loss.detach(), "loss_koleo": koleo.detach()}
 
     def monitor(self, outputs: dict) -> dict:
         stats = collapse_statistics(outputs["teacher_probs"], outputs["teacher_features"])
-        stats.update({name: float(value) for name, value in outputs.items()
-                      if name.startswith("loss_") or name == "masked_share"})
+        stats.update({name: float(value) for name, value in outputs.items() if self.is_logged(name)})
         return stats
 
+    def is_logged(self, output_name: str) -> bool:
+        return output_name.startswith("loss_") or output_name == "masked_share"
+
     @torch.no_grad()
-    def after_step(self, schedule: dict) -> None:
+    def update_centres(self) -> None:
         if self.cfg.method.centering == "ema":
             self.dino_loss.update_center()
             self.patch_loss.update_center()
+
+    @torch.no_grad()
+    def after_step(self, schedule: dict) -> None:
+        self.update_centres()
         update_teacher(self.cfg.teacher.kind, self.teacher, self.student, schedule["teacher_momentum"])
