@@ -136,6 +136,9 @@ class DistillConfig:
     # timm_kwargs, pretrained) and an optional `lr_multiplier`, e.g.
     # [{name: small, timm_kwargs: {embed_dim: 96}}, {name: conv, arch: convnext_atto, lr_multiplier: 2.0}]
     students: list[dict[str, Any]] = field(default_factory=list)
+    # multi_distill: shared (every process trains every student) | split (equal blocks of processes, one per
+    # student, each block on the whole global batch; ssd/methods/student_placement.py)
+    placement: str = "shared"
 
 
 @dataclass
@@ -298,6 +301,7 @@ CHOICES = {
     "distill.targets": ("pooled", "patches", "both"),
     "distill.loss": ("cosine", "smooth_l1", "l2", "cosine_l2"),
     "distill.projection": ("linear", "mlp"),
+    "distill.placement": ("shared", "split"),
     "method.latent_loss": ("smooth_l1", "l2", "l1"),
     "optim.schedule": ("cosine", "constant"),
     "method.centering": ("ema", "sinkhorn"),
@@ -530,6 +534,9 @@ def student_specs(cfg: DictConfig) -> list[dict]:
     its own leaves model.*'s architecture-specific keys (patch size, registers, timm_kwargs, weights) behind."""
     entries = OmegaConf.to_container(cfg.distill.students, resolve=True)
     if cfg.method.name != "multi_distill":
+        if cfg.distill.placement != "shared":
+            raise ConfigError(f"distill.placement places the students of method.name=multi_distill; "
+                              f"method.name={cfg.method.name} has one: set distill.placement=shared")
         if entries:
             raise ConfigError(f"distill.students lists the students of method.name=multi_distill; "
                               f"method.name={cfg.method.name} trains model.* alone: set distill.students=[]")

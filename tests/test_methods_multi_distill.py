@@ -30,9 +30,12 @@ MULTI = ("method.name=multi_distill", "method.centering=sinkhorn", "method.koleo
          "method.mask_min_block=1", "method.momentum_teacher=0.9")
 
 
+def students_override(*students: str) -> str:
+    return f"distill.students=[{', '.join(students or (VIT, CONVNEXT))}]"
+
+
 def multi_overrides(teacher_run, *students: str) -> tuple[str, ...]:
-    return (*MULTI, "teacher.kind=frozen", f"teacher.source={teacher_run}",
-            f"distill.students=[{', '.join(students or (VIT, CONVNEXT))}]")
+    return (*MULTI, "teacher.kind=frozen", f"teacher.source={teacher_run}", students_override(*students))
 
 
 def method_for(teacher_run, *students: str):
@@ -233,6 +236,54 @@ def test_multi_distill_resumes_bitwise_after_sigkill(tmp_path, teacher_run):
                                                  kill_at_step=6)
 
 
+@pytest.mark.slow
+def test_two_processes_train_the_students_as_one_does(tmp_path, teacher_run):
+    """Sinkhorn-Knopp sees the global batch, DDP averages each student's gradients: the same global batch on 1 and
+    2 gloo processes gives the same students and averages. As in test_methods_masked: no drop path, no qkv bias
+    (a key bias gets a zero gradient up to rounding, which Adam turns into lr-sized steps) and no KoLeo (checked
+    in float64 across processes by tests/test_distributed_gather.py)."""
+    vit = VIT.replace("depth: 2,", "depth: 2, qkv_bias: false,")
+    same = (*multi_overrides(teacher_run, vit, CONVNEXT), "method.koleo_weight=0", "model.drop_path_rate=0.0",
+            "train.max_steps=3")
+    run_training(tiny_overrides(tmp_path, "one", *same))
+    result = run_training(tiny_overrides(tmp_path, "two", *same), nproc=2)
+    assert "on 2 process(es)" in result.stderr
+    one, two = final_weights(tmp_path / "one"), final_weights(tmp_path / "two")
+    assert one.keys() == two.keys() and any(key.startswith("averages.convnext.") for key in one)
+    for name in one:
+        torch.testing.assert_close(two[name], one[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.slow
+def test_students_split_over_processes_train_as_on_one_process(tmp_path, teacher_run):
+    """distill.placement=split on 2 processes: the ViT trains on process 0 and the ConvNeXt on process 1, each on
+    the whole global batch after every process ran the teacher on its own half; the same students as one process
+    training both. The run logs both students' losses."""
+    vit = VIT.replace("depth: 2,", "depth: 2, qkv_bias: false,")
+    same = (*multi_overrides(teacher_run, vit, CONVNEXT), "method.koleo_weight=0", "model.drop_path_rate=0.0",
+            "train.max_steps=3", "log.every_steps=1")
+    run_training(tiny_overrides(tmp_path, "one", *same))
+    result = run_training(tiny_overrides(tmp_path, "split", *same, "distill.placement=split"), nproc=2)
+    assert "on 2 process(es)" in result.stderr
+    assert "2 students from one teacher forward per step: vit on processes 0-0, convnext on processes 1-1" in result.stderr
+    one, split = final_weights(tmp_path / "one"), final_weights(tmp_path / "split")
+    assert one.keys() == split.keys()
+    for name in one:
+        torch.testing.assert_close(split[name], one[name], rtol=1e-5, atol=1e-6, msg=name)
+    logged = [json.loads(line) for line in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
+    reference = [json.loads(line) for line in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
+    for key in ("vit/loss_class", "convnext/loss_patch", "loss"):
+        assert logged[-1][key] == pytest.approx(reference[-1][key], rel=1e-4), key
+
+
+def test_split_placement_needs_a_multiple_of_the_students_in_processes(teacher_run):
+    with pytest.raises(ConfigError, match="multiple of 2 processes"):
+        build_method(load_config("dino_digits_demo", [*TINY_OVERRIDES, *multi_overrides(teacher_run),
+                                                      "distill.placement=split"]))
+    with pytest.raises(ConfigError, match="distill.placement=shared"):
+        load_config("dino_digits_demo", ["distill.placement=split"])
+
+
 def test_every_student_exports_to_timm_and_evaluates_by_name(tmp_path, teacher_run):
     from eval_protocols.common import load_backbone
     from ssd.checkpoint_import import WeightsError
@@ -270,3 +321,69 @@ def test_multi_distill_recipe_students_beat_random_init(tmp_path):
     knn = recipe_knn(tmp_path, "multi_distill_digits_demo", f"teacher.source={tmp_path / 'dinov2-digits'}")
     assert knn["trained vit"] > knn["random init (vit's arch)"] + 2.0, knn
     assert knn["trained convnext"] > knn["random init (convnext's arch)"] + 2.0, knn
+
+
+# ---- split placement: who trains on what --------------------------------------------------------------------
+
+def test_split_placement_gives_each_student_a_block_that_covers_the_global_batch():
+    from ssd.methods.student_placement import plan_placement
+
+    plans = [plan_placement("split", ["small", "conv"], rank, 4) for rank in range(4)]
+    assert [plan.student for plan in plans] == ["small", "small", "conv", "conv"]
+    assert [plan.ranks for plan in plans] == [(0, 1), (0, 1), (2, 3), (2, 3)]
+    assert [plan.sources for plan in plans] == [(0, 2), (1, 3), (0, 2), (1, 3)]
+    assert all(plan.loss_scale == 2.0 for plan in plans)
+    shared = plan_placement("shared", ["small", "conv"], 1, 4)
+    assert shared.student is None and shared.sources == (1,) and shared.loss_scale == 1.0
+
+
+def local_step(rank: int, images: int = 2, patches: int = 4, prototypes: int = 3) -> tuple:
+    """What process `rank` holds after its teacher forward: crops, masks (2, B, N) and targets, its patch targets
+    in the order of its masked positions (view-major)."""
+    generator = torch.Generator().manual_seed(rank)
+    crops = [torch.randn(images, 3, size, size, generator=generator) for size in (4, 4, 2)]
+    masks = torch.rand(2, images, patches, generator=generator) < 0.5
+    cls_probs = torch.rand(2 * images, prototypes, generator=generator)
+    patch_probs = torch.rand(int(masks.sum()), prototypes, generator=generator)
+    return crops, masks, {"cls_probs": cls_probs, "patch_probs": patch_probs, "cls_features": torch.zeros(1)}
+
+
+def expected_regroup(sources: tuple[int, ...]) -> tuple:
+    """The batch of `sources`' samples built directly: targets looked up by (process, view, image, patch)."""
+    steps = {j: local_step(j) for j in sources}
+    crops = [torch.cat([steps[j][0][v] for j in sources]) for v in range(3)]
+    masks = torch.cat([steps[j][1] for j in sources], dim=1)  # (2, B', N)
+    patch_of, cls_of = {}, {}
+    for j in sources:
+        _, local_masks, targets = steps[j]
+        for row, (view_image, patch) in enumerate(local_masks.flatten(0, 1).nonzero().tolist()):
+            patch_of[(j, *divmod(view_image, local_masks.shape[1]), patch)] = targets["patch_probs"][row]
+        for view_image, probs in enumerate(targets["cls_probs"]):
+            cls_of[(j, *divmod(view_image, local_masks.shape[1]))] = probs
+    owner = [(j, i) for j in sources for i in range(steps[j][1].shape[1])]  # new image index -> (process, image)
+    cls = torch.stack([cls_of[(owner[i][0], v, owner[i][1])] for v in range(2) for i in range(len(owner))])
+    patch = torch.stack([patch_of[(owner[i][0], v, owner[i][1], p)] for v in range(2) for i in range(len(owner))
+                         for p in range(masks.shape[2]) if masks[v, i, p]])
+    return crops, masks, cls, patch
+
+
+def _regroup_worker(rank, out_dir):
+    from ssd.methods.student_placement import plan_placement, regroup
+
+    plan = plan_placement("split", ["small", "conv"], rank, 4)
+    crops, masks, targets = regroup(*local_step(rank), plan.sources)
+    torch.save({"crops": crops, "masks": masks, "cls": targets["cls_probs"], "patch": targets["patch_probs"],
+                "sources": plan.sources}, f"{out_dir}/rank{rank}.pt")
+
+
+def test_regrouping_hands_each_process_its_sources_samples_with_their_targets(tmp_path):
+    from tests.test_loss_sinkhorn import run_gloo
+
+    run_gloo(_regroup_worker, 4, tmp_path, str(tmp_path))
+    for rank in range(4):
+        result = torch.load(tmp_path / f"rank{rank}.pt")
+        crops, masks, cls, patch = expected_regroup(result["sources"])
+        assert all(torch.equal(ours, theirs) for ours, theirs in zip(result["crops"], crops))
+        assert torch.equal(result["masks"], masks) and result["masks"].dtype == torch.bool
+        assert torch.equal(result["cls"], cls) and torch.equal(result["patch"], patch)
+        assert len(patch) == int(masks.sum()) > 0

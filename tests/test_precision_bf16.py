@@ -16,6 +16,7 @@ from tests.test_method_dinov3 import DINOV3
 from tests.test_methods_distill import FEATURES, MASKED
 from tests.test_methods_jepa import JEPA, MAE
 from tests.test_methods_masked import DINOV2, IBOT
+from tests.test_methods_multi_distill import MULTI, students_override
 from tests.test_methods_poa import POA
 from tests.tiny import final_weights, run_training, tiny_overrides
 
@@ -34,6 +35,7 @@ METHODS = {
     "feature_distill": (FEATURES[0], *RANDOM_TEACHER),
     "masked_kd": (*MASKED, "model.patch_size=8", *RANDOM_TEACHER),
     "poa": POA,
+    "multi_distill": (*MULTI, students_override(), *RANDOM_TEACHER),
 }
 
 

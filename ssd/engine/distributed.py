@@ -84,21 +84,52 @@ class _GatherWithGrad(torch.autograd.Function):
     differentiable all_gather needs reduce_scatter, which gloo lacks)."""
 
     @staticmethod
-    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
-        rank, world = rank_and_world()
-        ctx.rows, ctx.rank = tensor.shape[0], rank
+    def forward(ctx, tensor: torch.Tensor, group) -> torch.Tensor:
+        rank, world = dist.get_rank(group), dist.get_world_size(group)
+        ctx.rows, ctx.rank, ctx.group = tensor.shape[0], rank, group
         pieces = [torch.empty_like(tensor) for _ in range(world)]
-        dist.all_gather(pieces, tensor.contiguous())
+        dist.all_gather(pieces, tensor.contiguous(), group=group)
         return torch.cat(pieces)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+    def backward(ctx, grad: torch.Tensor):
         grad = grad.contiguous()
-        dist.all_reduce(grad)
-        return grad[ctx.rank * ctx.rows:(ctx.rank + 1) * ctx.rows]
+        dist.all_reduce(grad, group=ctx.group)
+        return grad[ctx.rank * ctx.rows:(ctx.rank + 1) * ctx.rows], None
 
 
-def all_gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
-    """(B, ...) on every rank -> (world * B, ...), rank-major, differentiable; the tensor itself when alone.
-    Every rank must pass the same number of rows."""
-    return _GatherWithGrad.apply(tensor) if is_distributed() else tensor
+def all_gather_with_grad(tensor: torch.Tensor, group=None) -> torch.Tensor:
+    """(B, ...) on every rank of `group` (default: all) -> (ranks * B, ...), rank-major, differentiable; the
+    tensor itself when alone. Every rank must pass the same number of rows."""
+    return _GatherWithGrad.apply(tensor, group) if is_distributed() else tensor
+
+
+def all_gather_rows(tensor: torch.Tensor) -> list[torch.Tensor]:
+    """Every rank's (B_r, ...) tensor, in rank order, on every rank; the row counts B_r may differ. Not
+    differentiable (targets and inputs only)."""
+    if not is_distributed():
+        return [tensor]
+    if tensor.dtype == torch.bool:  # gloo's all_gather takes no bool
+        return [piece.bool() for piece in all_gather_rows(tensor.to(torch.uint8))]
+    world = dist.get_world_size()
+    counts = [torch.zeros(1, dtype=torch.long, device=tensor.device) for _ in range(world)]
+    dist.all_gather(counts, torch.tensor([tensor.shape[0]], device=tensor.device))
+    longest = max(int(count) for count in counts)
+    padded = tensor.new_zeros((longest, *tensor.shape[1:]))
+    padded[:tensor.shape[0]] = tensor
+    pieces = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(pieces, padded)
+    return [piece[:int(count)] for piece, count in zip(pieces, counts)]
+
+
+_GROUPS: dict[tuple[int, ...], object] = {}
+
+
+def process_group(ranks: tuple[int, ...]):
+    """The process group of `ranks`, created once (every rank must ask for every group, in the same order, the
+    first time); None for the whole world or a plain process."""
+    if not is_distributed() or len(ranks) == dist.get_world_size():
+        return None
+    if ranks not in _GROUPS:
+        _GROUPS[ranks] = dist.new_group(list(ranks))
+    return _GROUPS[ranks]

@@ -130,14 +130,14 @@ class MaskedDistillation(EvaluatesTrainedNetwork, nn.Module):
 
     def student_losses(self, network: TokenNetwork, global_images: torch.Tensor, crops: list[torch.Tensor],
                        masks: torch.Tensor, rows: torch.Tensor, columns: torch.Tensor, token_weights: torch.Tensor,
-                       targets: dict):
+                       targets: dict, group=None):
         """One student's DINO, iBOT and KoLeo losses against `targets`: (loss, outputs, its tokens of the masked
         global crops (2B, 3, H, W), which are the first two of `crops`)."""
         student = network.encode(global_images, masks)
         local_crops = self.local_crops(crops)
         local_cls = network.encode(torch.cat(local_crops)).cls if local_crops else None
         loss, outputs = self.losses_from_features(network, student.cls, local_cls, student.patches[rows, columns],
-                                                  token_weights, len(masks), targets)
+                                                  token_weights, len(masks), targets, group)
         # Keeps the mask token in the graph when no patch of this micro-batch is masked (DDP expects a gradient
         # for every parameter on every rank).
         return loss + 0.0 * network.mask_token.sum(), outputs, student
@@ -147,9 +147,10 @@ class MaskedDistillation(EvaluatesTrainedNetwork, nn.Module):
 
     def losses_from_features(self, network: TokenNetwork, global_cls: torch.Tensor, local_cls: torch.Tensor | None,
                              masked_patches: torch.Tensor, token_weights: torch.Tensor, num_images: int,
-                             targets: dict) -> tuple[torch.Tensor, dict]:
+                             targets: dict, group=None) -> tuple[torch.Tensor, dict]:
         """DINO on the class embeddings of the global (2B, D) and local (L * B, D) crops, iBOT on the embeddings at
-        the M masked positions (M, D), KoLeo on the global ones: (weighted sum, detached terms)."""
+        the M masked positions (M, D), KoLeo on the global ones over the batch of the processes in `group` (default:
+        all): (weighted sum, detached terms)."""
         method = self.cfg.method
         student_cls_logits = network.head(global_cls if local_cls is None else torch.cat([global_cls, local_cls]))
         student_patch_logits = network.score_patches(masked_patches)  # (M, K_patch)
@@ -163,7 +164,7 @@ class MaskedDistillation(EvaluatesTrainedNetwork, nn.Module):
         if method.koleo_weight > 0:
             # Nearest neighbours over the global batch, not each process's share: the same loss on any number of
             # processes (every rank computes it whole; DDP's gradient average then counts it once).
-            koleo = sum(koleo_loss(all_gather_with_grad(view)) for view in global_cls.chunk(NUM_GLOBAL_VIEWS))
+            koleo = sum(koleo_loss(all_gather_with_grad(view, group)) for view in global_cls.chunk(NUM_GLOBAL_VIEWS))
             loss = loss + method.koleo_weight * koleo
         return loss, {"loss_class": cls_loss.detach(), "loss_patch": patch_loss.detach(), "loss_koleo": koleo.detach()}
 

@@ -20,26 +20,37 @@ settings and moving average.
                 evaluation and export read: `python -m ssd.export RUN --which <name>`; the first student is the
                 run's default network
 
+    placement   distill.placement=shared: every process trains every student on its share of the batch; split:
+                one block of processes per student, each on the whole global batch after the teacher ran once
+                per image across all processes (ssd/methods/student_placement.py)
+
 All students see the same crops and masks; the loss is the sum of theirs, and no student's gradient depends on
 another's. ViT students need the teacher's patch size (the masks are laid on its grid).
 """
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn as nn
 
 from ssd.checkpoint_import import model_config
 from ssd.config import ConfigError, student_specs
+from ssd.engine.distributed import all_reduce_sum, rank_and_world
 from ssd.losses.dino_loss import DINOLoss
 from ssd.losses.ibot_patch_loss import IBOTPatchLoss, masked_token_weights
 from ssd.methods.ibot import NUM_GLOBAL_VIEWS, MaskedDistillation
+from ssd.methods.student_placement import describe_placement, plan_placement, regroup
 from ssd.models.backbone import build_student_backbone, patch_size_of
 from ssd.models.feature_maps import pooled_and_dense, resize_to
 from ssd.models.layer_decay import vit_parameter_groups
 from ssd.models.token_network import TokenNetwork
 from ssd.models.tokens import encode, has_tokens, require_tokens
 from ssd.teachers import build_teacher, ema_update, frozen_copy, store_origin_instead
+
+log = logging.getLogger("ssd")
+STUDENT_TERMS = ("loss", "loss_class", "loss_patch", "loss_koleo")  # what each student logs, as "<name>/<term>"
 
 
 class MultiStudentDistillation(MaskedDistillation):
@@ -75,6 +86,10 @@ class MultiStudentDistillation(MaskedDistillation):
                                   f"a ViT student shares the teacher's masks, so give it patch_size: {self.patch_size}")
         # The averages that evaluation and export read; they start as the students and never get gradients.
         self.averages = nn.ModuleDict({name: frozen_copy(network.backbone) for name, network in self.students.items()})
+        rank, world = rank_and_world()
+        self.placement = plan_placement(cfg.distill.placement, list(self.students), rank, world)
+        log.info("%d students from one teacher forward per step: %s", len(self.students), describe_placement(
+            cfg.distill.placement, list(self.students), world))
         self.dino_loss = DINOLoss(cfg.head.out_dim, method.student_temp, method.center_momentum)
         self.patch_loss = IBOTPatchLoss(patch_dim, method.student_temp, method.center_momentum)
 
@@ -102,29 +117,41 @@ class MultiStudentDistillation(MaskedDistillation):
         return [p for head in heads for p in head.last_layer.parameters()]
 
     def forward(self, batch: dict, schedule: dict) -> tuple[torch.Tensor, dict]:
-        crops = batch["crops"]  # V tensors (B, 3, H, W): the global crops first
-        masks = batch["masks"].flatten(0, 1)  # (2B, N), view-major like the concatenated global crops
-        global_images = torch.cat(crops[:NUM_GLOBAL_VIEWS])  # (2B, 3, H, W)
-        rows, columns = torch.nonzero(masks, as_tuple=True)  # the M masked (image, patch) positions
-        token_weights = masked_token_weights(masks)  # (M,): a per-image mean over masked patches
+        crops, view_masks = batch["crops"], batch["masks"]  # V tensors (B, 3, H, W), global crops first; (2, B, N)
+        global_images, masks, rows, columns, token_weights = self._layout(crops, view_masks)
         targets = self.teacher_targets(global_images, rows, columns, schedule)  # the one teacher forward
-        total = global_images.new_zeros((), dtype=torch.float32)
         outputs = {"teacher_probs": targets["cls_probs"], "teacher_features": targets["cls_features"],
                    "masked_share": masks.float().mean().detach()}
+        placement = self.placement
+        if placement.student is not None:  # split: this process trains its student on its block's share
+            crops, view_masks, targets = regroup(crops, view_masks, targets, placement.sources)
+            global_images, masks, rows, columns, token_weights = self._layout(crops, view_masks)
+        total = global_images.new_zeros((), dtype=torch.float32)
         for name, network in self.students.items():
+            if placement.student not in (None, name):  # another block's student: no compute, but in DDP's graph
+                total = total + 0.0 * sum(p.sum() for p in network.parameters() if p.requires_grad)
+                continue
             if has_tokens(network.backbone):
                 loss, terms, _ = self.student_losses(network, global_images, crops, masks, rows, columns,
-                                                     token_weights, targets)
+                                                     token_weights, targets, placement.group)
             else:
                 loss, terms = self._feature_map_student_losses(network, global_images, crops, rows, columns,
-                                                               token_weights, len(masks), targets)
-            total = total + loss
+                                                               token_weights, len(masks), targets, placement.group)
+            total = total + placement.loss_scale * loss
             outputs[f"{name}/loss"] = loss.detach()
             outputs.update({f"{name}/{term}": value for term, value in terms.items()})
         return total, outputs
 
+    @staticmethod
+    def _layout(crops: list[torch.Tensor], view_masks: torch.Tensor):
+        """The global crops as one batch (2B, 3, H, W), their masks view-major (2B, N), the M masked positions
+        (rows, columns) and each one's weight 1 / (masked patches of its image)."""
+        masks = view_masks.flatten(0, 1)
+        rows, columns = torch.nonzero(masks, as_tuple=True)
+        return torch.cat(crops[:NUM_GLOBAL_VIEWS]), masks, rows, columns, masked_token_weights(masks)
+
     def _feature_map_student_losses(self, network: TokenNetwork, global_images, crops, rows, columns, token_weights,
-                                    num_images: int, targets: dict) -> tuple[torch.Tensor, dict]:
+                                    num_images: int, targets: dict, group=None) -> tuple[torch.Tensor, dict]:
         """A student without tokens (ConvNeXt, ResNet): pooled features as its class token, its last feature map
         resized to the teacher's patch grid as its patch tokens, on unmasked crops."""
         pooled, dense = pooled_and_dense(network.backbone, global_images)  # (2B, D), (2B, D, h, w)
@@ -133,11 +160,21 @@ class MultiStudentDistillation(MaskedDistillation):
         local_crops = self.local_crops(crops)
         local_pooled = encode(network.backbone, torch.cat(local_crops)).pooled if local_crops else None
         loss, terms = self.losses_from_features(network, pooled, local_pooled, patches[rows, columns], token_weights,
-                                                num_images, targets)
+                                                num_images, targets, group)
         return loss + 0.0 * network.mask_token.sum(), terms  # no tokens to mask: kept in the graph for DDP
 
     def is_logged(self, output_name: str) -> bool:
         return "/" in output_name or output_name == "masked_share"  # "<student>/loss_class", ...
+
+    def monitor(self, outputs: dict) -> dict:
+        """With distill.placement=split each process knows its own student's terms: they are averaged over its
+        block and shared (collective: the engine calls monitor on every process at the same steps)."""
+        stats = super().monitor(outputs)
+        if self.placement.student is None:
+            return stats
+        names = [f"{student}/{term}" for student in self.students for term in STUDENT_TERMS]
+        own = [float(outputs.get(name, 0.0)) / len(self.placement.ranks) for name in names]
+        return {**stats, **dict(zip(names, all_reduce_sum(torch.tensor(own, dtype=torch.float64)).tolist()))}
 
     @torch.no_grad()
     def after_step(self, schedule: dict) -> None:
