@@ -33,6 +33,9 @@ class ModelConfig:
     patch_size: int = 0  # 0 keeps the timm architecture's own patch size
     drop_path_rate: float = 0.1
     drop_path_uniform: bool = False  # the same rate in every block (DINOv2), not timm's linear rise with depth
+    # ViT blocks run their residual branches on the kept samples only (DINOv2's efficient stochastic depth, about
+    # drop_path_rate of each block's training compute saved; ssd/models/subset_drop_path.py)
+    drop_path_subset: bool = False
     num_registers: int = 0  # register tokens (Darcet et al. 2024); 0 for plain DINO
     timm_kwargs: dict[str, Any] = field(default_factory=dict)  # passed as-is to timm.create_model
     pretrained: str = ""  # optional weights file to start from (ssd checkpoint/export, official DINO/DINOv2)

@@ -14,6 +14,7 @@ import torch.nn as nn
 from timm.layers import DropPath
 
 from ssd.config import ConfigError
+from ssd.models.subset_drop_path import use_subset_drop_path
 
 
 def is_vit(arch: str) -> bool:
@@ -54,6 +55,9 @@ def build_backbone(model_cfg: Any) -> nn.Module:
         ) from error
     if getattr(model_cfg, "drop_path_uniform", False) and model_cfg.drop_path_rate > 0:
         _uniform_drop_path(model, float(model_cfg.drop_path_rate))
+    if getattr(model_cfg, "drop_path_subset", False) and not use_subset_drop_path(model):
+        raise ConfigError(f"model.drop_path_subset=true computes the residual branches of timm ViT blocks on the kept "
+                          f"samples; {model_cfg.arch} has none: set model.drop_path_subset=false")
     if not hasattr(model, "num_features"):
         raise ConfigError(f"timm model '{model_cfg.arch}' has no num_features; it cannot be a backbone here")
     return model
