@@ -223,7 +223,7 @@ class TrainConfig:
     batch_size: int = 1024  # global batch per optimizer step, over all processes and accumulation steps
     grad_accum_steps: int = 1
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16
-    compile: bool = False
+    compile: bool = False  # torch.compile each transformer block (regional compilation; ssd/engine/compile.py)
     # Measure the memory a step needs before training and refuse a run that cannot fit (with the batch that fits)
     memory_check: bool = True
     seed: int = 0

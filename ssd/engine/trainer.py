@@ -28,6 +28,7 @@ from ssd.config import ConfigError, check_world_size, to_dict
 from ssd.data import ResumableDistributedSampler, SeededCropsDataset
 from ssd.engine import checkpoint as ckpt
 from ssd.engine import distributed, machine, memory, signals
+from ssd.engine.compile import compile_regions
 from ssd.engine.metrics import MetricsWriter, ProgressBar, peak_memory_mib
 from ssd.engine.optim import apply_schedule, build_optimizer, clip_gradient_sets
 from ssd.engine.schedules import TrainingSchedule
@@ -108,9 +109,9 @@ class Trainer:
         # Before compile and DDP: the probe steps run the plain modules.
         self.memory_estimate = self.check_memory() if cfg.train.memory_check else None
         if cfg.train.compile:
-            for network in (getattr(self.method, "student", None), getattr(self.method, "teacher", None)):
-                if network is not None:  # mae has no teacher
-                    network.backbone.compile()
+            counts = compile_regions(self.method)
+            log.info("train.compile: %d transformer blocks compiled one by one, %d block-less backbones whole",
+                     counts["blocks"], counts["backbones"])
         self.model = self.method
         if world > 1:
             self.model = DistributedDataParallel(
