@@ -223,6 +223,10 @@ class TrainConfig:
     batch_size: int = 1024  # global batch per optimizer step, over all processes and accumulation steps
     grad_accum_steps: int = 1
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16
+    # ddp | fsdp (FSDP2: each transformer block's weights, gradients and optimizer state sharded over the
+    # processes; ssd/engine/sharding.py). One process trains unsharded either way
+    parallel: str = "ddp"
+    fsdp_bf16_params: bool = False  # fsdp: gather parameters as bf16 for compute, reduce gradients in fp32
     compile: bool = False  # torch.compile each transformer block (regional compilation; ssd/engine/compile.py)
     # Measure the memory a step needs before training and refuse a run that cannot fit (with the batch that fits)
     memory_check: bool = True
@@ -316,6 +320,7 @@ CHOICES = {
     "optim.clip_mode": ("per_param", "global"),
     "train.precision": ("auto", "fp32", "bf16", "fp16"),
     "train.device": ("auto", "cpu", "cuda"),
+    "train.parallel": ("ddp", "fsdp"),
 }
 
 
@@ -491,6 +496,10 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError("train.overwrite=true deletes the run folder's checkpoints: it needs train.resume=false "
                           "too, to say that starting over is meant")
     _check_patch_multiples(cfg)
+    if cfg.log.images_every_steps and cfg.train.parallel == "fsdp":
+        raise ConfigError(f"log.images_every_steps={cfg.log.images_every_steps} draws the network on one process, "
+                          "which train.parallel=fsdp does not support yet: set log.images_every_steps=0, or "
+                          "train.parallel=ddp")
     if cfg.log.images_every_steps and not cfg.log.tensorboard:
         raise ConfigError(f"log.images_every_steps={cfg.log.images_every_steps} draws images into TensorBoard, which "
                           "log.tensorboard=false turns off: set log.tensorboard=true or log.images_every_steps=0")

@@ -15,15 +15,17 @@ from pathlib import Path
 
 import torch
 
+from ssd.checkpoint_import import model_config
 from ssd.cli import EXIT_USAGE, report_error, user_errors
 from ssd.config import ConfigError, check_world_size, load_config
 from ssd.data import MultiCropAugmentation, build_dataset
-from ssd.engine import distributed, signals
+from ssd.engine import distributed, sharding, signals
 from ssd.engine.checkpoint import CheckpointError
 from ssd.engine.run_folder import ResumePlan, RunFolderError, open_run_folder, undo_start
 from ssd.engine.state import seed_everything
-from ssd.engine.trainer import NonFiniteLossError, Trainer, steps_per_epoch
+from ssd.engine.trainer import NonFiniteLossError, Trainer, evaluated_networks, steps_per_epoch
 from ssd.methods import build_method
+from ssd.models.backbone import build_backbone
 
 log = logging.getLogger("ssd")
 # sysexits.h EX_TEMPFAIL, "try again later": the run stopped on a signal after saving; running the same command
@@ -107,16 +109,6 @@ def run_summary(result: dict) -> str:
     return line
 
 
-def evaluated_networks(method, cfg) -> dict:
-    """{which: (backbone, model config dict)}: what the end-of-run k-NN reports (one network, or each student of
-    a multi-student run)."""
-    if hasattr(method, "eval_backbones"):
-        return method.eval_backbones()
-    from ssd.config import to_dict
-
-    return {getattr(method, "eval_network", "teacher"): (method.eval_backbone(), to_dict(cfg.model))}
-
-
 def run(cfg) -> dict:
     """Train in this process (one rank of a job when WORLD_SIZE > 1). Returns status, step and run folder.
 
@@ -150,10 +142,14 @@ def run(cfg) -> dict:
         training = True
         result = trainer.fit()
         if result["status"] == "finished" and cfg.eval.knn:
+            # every process: gathering a sharded (fsdp) network is collective
+            networks = {which: (sharding.plain_copy(backbone, lambda m=model: build_backbone(model_config(m)),
+                                                    dist_info.device), model)
+                        for which, (backbone, model) in evaluated_networks(method, cfg).items()}
             if dist_info.is_main:
                 from ssd.knn_report import knn_report
 
-                result["knn"] = knn_report(cfg, evaluated_networks(method, cfg), run_dir, dist_info.device)
+                result["knn"] = knn_report(cfg, networks, run_dir, dist_info.device)
             distributed.barrier()
         if dist_info.is_main:
             log.info("%s at step %d; run folder: %s", result["status"], result["step"], run_dir.resolve())

@@ -14,7 +14,8 @@ import torch
 import torch.nn as nn
 
 
-def _blocks(module: nn.Module) -> list[nn.Module]:
+def transformer_blocks(module: nn.Module) -> list[nn.Module]:
+    """The blocks of a timm ViT / Eva (or a predictor built like one); [] for other modules."""
     blocks = getattr(module, "blocks", None)
     return list(blocks) if isinstance(blocks, (nn.ModuleList, nn.Sequential)) else []
 
@@ -24,11 +25,12 @@ def compile_regions(method: nn.Module) -> dict[str, int]:
     block-less `backbone` whole; returns the counts (blocks, whole backbones)."""
     counts = {"blocks": 0, "backbones": 0}
     for name, module in method.named_modules():
-        blocks = _blocks(module)
+        blocks = transformer_blocks(module)
         for block in blocks:
             block.forward = torch.compile(block.forward)
             counts["blocks"] += 1
-        if not blocks and name.rsplit(".", 1)[-1] == "backbone" and not any(_blocks(m) for m in module.modules()):
+        block_less = not any(transformer_blocks(m) for m in module.modules())
+        if block_less and name.rsplit(".", 1)[-1] == "backbone":
             module.compile()
             counts["backbones"] += 1
     return counts

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
+from torch.distributed.tensor import DTensor
 
 
 def parameter_groups(module: nn.Module, lr_multiplier=None) -> list[dict]:
@@ -44,7 +46,11 @@ def clip_gradients(parameters: list[nn.Parameter], max_norm: float, mode: str) -
     grads = [p.grad for p in parameters if p.grad is not None]
     if not grads:
         return torch.zeros(())
-    norms = torch._foreach_norm(grads)
+    if isinstance(grads[0], DTensor):  # FSDP: each process holds a shard of every gradient
+        grads = [grad.to_local() for grad in grads]
+        norms = list(_sharded_norms(grads).unbind())
+    else:
+        norms = torch._foreach_norm(grads)
     total_norm = torch.linalg.vector_norm(torch.stack(norms))
     if max_norm > 0:
         if mode == "global":
@@ -54,6 +60,13 @@ def clip_gradients(parameters: list[nn.Parameter], max_norm: float, mode: str) -
             scales = (max_norm / (torch.stack(norms) + 1e-6)).clamp(max=1.0)  # one kernel, not one per tensor
             torch._foreach_mul_(grads, list(scales.unbind()))
     return total_norm
+
+
+def _sharded_norms(local_shards: list[torch.Tensor]) -> torch.Tensor:
+    """Each tensor's norm from every process's shard of it: one all-reduce of the squared shard norms."""
+    squares = torch.stack(torch._foreach_norm(local_shards)).double() ** 2
+    dist.all_reduce(squares)
+    return squares.sqrt().to(local_shards[0].dtype)
 
 
 def clip_gradient_sets(sets: list[list[nn.Parameter]], max_norm: float, mode: str) -> torch.Tensor:

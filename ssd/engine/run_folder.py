@@ -37,6 +37,7 @@ SET_ASIDE = "superseded"
 ONE_SHOT = {"train.resume_from": "", "train.overwrite": False, "train.allow_changes": False}
 HARMLESS = ("log.", "eval.", "output.", "recipe", "data.num_workers", "data.root", "data.on_bad_image",
             "data.max_image_pixels", "checkpoint.", "train.device", "train.compile", "train.memory_check",
+            "train.parallel", "train.fsdp_bf16_params",
             "train.resume", "train.init_from", *ONE_SHOT)
 LENGTH = ("train.epochs", "train.max_steps")
 SHAPE = ("model.", "head.", "method.name", "train.batch_size", "train.grad_accum_steps", "crops.global_size",

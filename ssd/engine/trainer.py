@@ -24,15 +24,17 @@ from pathlib import Path
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
+from ssd.checkpoint_import import model_config
 from ssd.config import ConfigError, check_world_size, to_dict
 from ssd.data import ResumableDistributedSampler, SeededCropsDataset
 from ssd.engine import checkpoint as ckpt
-from ssd.engine import distributed, machine, memory, signals
+from ssd.engine import distributed, machine, memory, sharding, signals
 from ssd.engine.compile import compile_regions
 from ssd.engine.metrics import MetricsWriter, ProgressBar, peak_memory_mib
 from ssd.engine.optim import apply_schedule, build_optimizer, clip_gradient_sets
 from ssd.engine.schedules import TrainingSchedule
 from ssd.engine.state import gather_rng_states, restore_rng
+from ssd.models.backbone import build_backbone
 from ssd.monitors import collapse_kind
 
 log = logging.getLogger("ssd")
@@ -61,6 +63,14 @@ def steps_per_epoch(cfg, dataset_size: int, world_size: int) -> int:
 def _duration(seconds: float) -> str:
     seconds = int(seconds)
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def evaluated_networks(method, cfg) -> dict:
+    """{which: (backbone, model config dict)}: what evaluation reads (one network, or each student of a
+    multi-student run, the first being the default)."""
+    if hasattr(method, "eval_backbones"):
+        return method.eval_backbones()
+    return {getattr(method, "eval_network", "teacher"): (method.eval_backbone(), to_dict(cfg.model))}
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -97,23 +107,26 @@ class Trainer:
             generator=torch.Generator().manual_seed(cfg.train.seed),
         )
         self.schedule = TrainingSchedule(cfg, self.steps_per_epoch, cfg.train.batch_size)
-        self.optimizer = build_optimizer(self.method.param_groups(), cfg.optim.betas, self.device)
-        self.trainable = [p for p in self.method.parameters() if p.requires_grad]
-        # Gradients are clipped per set: one set for most methods, one per student for multi-student distillation.
-        self.clip_sets = self.method.clip_sets() if hasattr(self.method, "clip_sets") else [self.trainable]
         self.amp_dtype = autocast_dtype(cfg.train.precision, self.device)
         log.info("precision: %s (train.precision=%s; parameters and optimizer state in fp32)",
                  f"{str(self.amp_dtype).removeprefix('torch.')} autocast on {self.device.type}" if self.amp_dtype
                  else "fp32", cfg.train.precision)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
-        # Before compile and DDP: the probe steps run the plain modules.
+        # Before compile, sharding and DDP: the probe steps run the plain modules.
         self.memory_estimate = self.check_memory() if cfg.train.memory_check else None
         if cfg.train.compile:
             counts = compile_regions(self.method)
             log.info("train.compile: %d transformer blocks compiled one by one, %d block-less backbones whole",
                      counts["blocks"], counts["backbones"])
         self.model = self.method
-        if world > 1:
+        self.sharded = cfg.train.parallel == "fsdp" and world > 1
+        if self.sharded:
+            units = sharding.shard_method(self.method, cfg.train.fsdp_bf16_params)
+            log.info("train.parallel=fsdp: %d FSDP2 units over %d processes%s", units, world,
+                     " (bf16 parameters, fp32 gradient reduction)" if cfg.train.fsdp_bf16_params else "")
+        elif cfg.train.parallel == "fsdp":
+            log.info("train.parallel=fsdp on one process: nothing to shard, the run trains unsharded")
+        elif world > 1:
             self.model = DistributedDataParallel(
                 self.method,
                 device_ids=[self.device.index] if self.device.type == "cuda" else None,
@@ -122,6 +135,11 @@ class Trainer:
                 # rank exactly. The loss center is all-reduced anyway.
                 broadcast_buffers=True,
             )
+        # After sharding: FSDP2 replaces the parameters with DTensors, which the optimizer must hold.
+        self.optimizer = build_optimizer(self.method.param_groups(), cfg.optim.betas, self.device)
+        self.trainable = [p for p in self.method.parameters() if p.requires_grad]
+        # Gradients are clipped per set: one set for most methods, one per student for multi-student distillation.
+        self.clip_sets = self.method.clip_sets() if hasattr(self.method, "clip_sets") else [self.trainable]
         self.step = 0
         self.last_checkpoint: Path | None = None
         self.last_usable_checkpoint: Path | None = None
@@ -151,8 +169,13 @@ class Trainer:
     # ---- checkpoints -------------------------------------------------------------------------------------
     def save(self) -> Path | None:
         rng_states = gather_rng_states(self.dist.world_size)  # collective
-        # Every rank holds the same weights (DDP), so every rank reaches the same verdict without a collective.
-        health = ckpt.weights_health(self.method.parameters(), self.cfg.checkpoint.max_abs_weight)
+        if self.sharded:  # each process holds a shard: the verdict is over all of them
+            health = sharding.weights_health(self.method.parameters(), self.cfg.checkpoint.max_abs_weight)
+            model_state, optimizer_state = sharding.full_state(self.method, self.optimizer, self.dist.is_main)
+        else:
+            # Every rank holds the same weights (DDP), so every rank reaches the same verdict without a collective.
+            health = ckpt.weights_health(self.method.parameters(), self.cfg.checkpoint.max_abs_weight)
+            model_state, optimizer_state = None, None
         if not health["finite"]:
             raise NonFiniteLossError(f"the weights are not finite at step {self.step}; no checkpoint was written. "
                                      + self._recovery_advice())
@@ -165,8 +188,9 @@ class Trainer:
                     "config": to_dict(self.cfg),
                     "step": self.step,
                     "epoch": epoch,
-                    "method": self.method.state_dict(),
-                    "optimizer": self.optimizer.state_dict(),
+                    # the same layout with DDP and FSDP: a run resumes in either, at any number of processes
+                    "method": model_state if self.sharded else self.method.state_dict(),
+                    "optimizer": optimizer_state if self.sharded else self.optimizer.state_dict(),
                     "scaler": self.scaler.state_dict(),
                     "rng": rng_states,
                     "sampler": {"epoch": epoch, "start": self._epoch_offset(self.step), "seed": self.cfg.train.seed},
@@ -202,13 +226,17 @@ class Trainer:
         """Continue from checkpoint `path` (chosen by `run_folder.open_run_folder`; `state` if already loaded)."""
         state = state if state is not None else ckpt.load_checkpoint(path)
         try:
-            self.method.load_state_dict(state["method"])
+            if self.sharded:
+                sharding.load_full_state(self.method, self.optimizer, state["method"], state["optimizer"])
+            else:
+                self.method.load_state_dict(state["method"])
         except RuntimeError as error:  # tensor shapes or names: the checkpoint was written for another model
             first = str(error).strip().splitlines()
             raise ckpt.CheckpointError(f"checkpoint {path} does not fit the model of this config ("
                                        f"{' '.join(first[:3])[:400]}); resume it with the config it was "
                                        "written with") from None
-        self.optimizer.load_state_dict(state["optimizer"])
+        if not self.sharded:
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         self.step = int(state["step"])
         if not restore_rng(state["rng"], self.dist.rank) or state.get("world_size") != self.dist.world_size:
@@ -230,7 +258,10 @@ class Trainer:
         except ckpt.CheckpointError as error:
             raise ConfigError(f"train.init_from={source}: {error}") from None
         try:
-            result = self.method.load_state_dict(state["method"], strict=False)
+            if self.sharded:
+                result = sharding.load_full_state(self.method, None, state["method"], None, strict=False)
+            else:
+                result = self.method.load_state_dict(state["method"], strict=False)
         except RuntimeError as error:  # tensor shapes differ
             detail = " ".join(str(error).split())[:300]
             raise ConfigError(f"train.init_from={path} does not fit this model ({detail}); use a checkpoint of the "
@@ -283,17 +314,26 @@ class Trainer:
         outputs: dict = {}
         for micro in range(accum):
             batch = self._to_device(next(batches))
-            sync = micro == accum - 1 or not isinstance(self.model, DistributedDataParallel)
-            with contextlib.nullcontext() if sync else self.model.no_sync():
+            with self._gradient_sync(micro == accum - 1):
                 with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
                     loss, outputs = self.model(batch, schedule)
                 self.scaler.scale(loss / accum).backward()
             loss_sum += loss.detach().float() / accum
         return loss_sum, outputs
 
+    def _gradient_sync(self, sync: bool):
+        """Gradients are reduced across processes on the last micro-batch of a step only."""
+        if self.sharded:
+            self.method.set_requires_gradient_sync(sync)
+        elif not sync and isinstance(self.model, DistributedDataParallel):
+            return self.model.no_sync()
+        return contextlib.nullcontext()
+
     def train_step(self, batches, schedule: dict) -> tuple[torch.Tensor, torch.Tensor, dict]:
         """One optimizer step. Returns ([loss summed over ranks, non-finite flag, stop flag], grad norm, outputs)."""
         apply_schedule(self.optimizer, schedule["lr"], schedule["weight_decay"])
+        if self.sharded:  # as DDP does at every forward: all processes take rank 0's buffers (BatchNorm statistics)
+            sharding.broadcast_buffers(self.method)
         loss, outputs = self._forward_backward(batches, schedule)
         # One collective per step carries the loss, a non-finite flag and any stop request, so every rank
         # takes the same decision at the same step.
@@ -347,7 +387,7 @@ class Trainer:
                 bar.update(1, loss=mean_loss, images_per_s=images_per_second)
                 if self.images is not None and self.images.due(self.step, last=self.step == total_steps):
                     drawing_started = time.perf_counter()
-                    self.images.log(writer.board, self.method.eval_backbone(), self.step)
+                    self.images.log(writer.board, self.method.eval_backbone(), self.step)  # not with fsdp (config)
                     window_start += time.perf_counter() - drawing_started  # images/s counts training time only
 
                 stop = flags[2] > 0
@@ -360,7 +400,7 @@ class Trainer:
                     break
                 if periodic_knn is not None and periodic_knn.due(self.step):  # after the stop check: never delays one
                     knn_started = time.perf_counter()
-                    writer.write(self.step, periodic_knn(self.method.eval_backbone(), self.step), group="eval")
+                    writer.write(self.step, periodic_knn(self.evaluated_backbone(), self.step), group="eval")
                     window_start += time.perf_counter() - knn_started  # images/s counts training time only
         finally:
             signals.restore_handlers(handlers)
@@ -370,6 +410,11 @@ class Trainer:
         return {"status": status, "step": self.step, "run_dir": str(self.run_dir), "seconds": seconds,
                 "steps_done": self.step - first_step, "final_loss": mean_loss,
                 "images_per_second": (self.step - first_step) * cfg.train.batch_size / max(seconds, 1e-9)}
+
+    def evaluated_backbone(self) -> torch.nn.Module:
+        """The network evaluation reads, with ordinary tensors (gathered by every process when sharded)."""
+        backbone, model = next(iter(evaluated_networks(self.method, self.cfg).values()))
+        return sharding.plain_copy(backbone, lambda: build_backbone(model_config(model)), self.device)
 
     def _log(self, writer, schedule, loss, grad_norm, images_per_second, outputs) -> None:
         stats = self.method.monitor(outputs)
