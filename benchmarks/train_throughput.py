@@ -76,6 +76,7 @@ def main(argv=None) -> dict:
     cfg = load_config(args.recipe, [
         "data.root=unused", f"train.batch_size={args.batch_size}", f"train.device={args.device}",
         f"train.precision={args.precision}", f"train.compile={str(args.compile).lower()}", "data.num_workers=0",
+        "train.memory_check=false",  # its probe reads real images; the benchmark feeds tensors
         *args.overrides])
     device = torch.device("cuda" if (args.device != "cpu" and torch.cuda.is_available()) else "cpu")
     torch.manual_seed(0)
