@@ -112,3 +112,32 @@ def test_fsdp_refuses_what_it_cannot_do_yet():
         load_config("dino_digits_demo", [*FSDP, "log.images_every_steps=10"])
     with pytest.raises(ConfigError, match="train.parallel"):
         load_config("dino_digits_demo", ["train.parallel=zero3"])
+
+
+@pytest.mark.slow
+def test_sigterm_to_an_fsdp_run_saves_and_resumes_bitwise(tmp_path):
+    """Preemption of a sharded run: torchrun forwards SIGTERM, the processes gather the whole state, save it at a
+    step boundary and exit; the same command resumes to the uninterrupted run's weights, bit for bit."""
+    import os
+    import signal
+
+    from tests.test_faults_signals import (
+        WITH_WORKERS,
+        assert_stopped_with_checkpoint,
+        processes_running,
+        start,
+        wait_for_steps,
+    )
+
+    run_training(tiny_overrides(tmp_path, "whole", *WITH_WORKERS, *FSDP), nproc=2)
+    overrides = tiny_overrides(tmp_path, "run", *WITH_WORKERS, *FSDP)
+    process = start(overrides, nproc=2)
+    wait_for_steps(tmp_path / "run", process)
+    os.killpg(process.pid, signal.SIGTERM)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode != 0, output  # torchrun reports the stop as a failure of its own
+    assert_stopped_with_checkpoint(tmp_path / "run", output, launcher_traceback=True)
+    assert not processes_running(str(tmp_path / "run")), output
+    result = run_training(overrides, nproc=2)
+    assert "resumed from" in result.stderr
+    assert_bitwise_equal(final_weights(tmp_path / "run"), final_weights(tmp_path / "whole"))
