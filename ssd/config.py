@@ -36,6 +36,9 @@ class ModelConfig:
     # ViT blocks run their residual branches on the kept samples only (DINOv2's efficient stochastic depth, about
     # drop_path_rate of each block's training compute saved; ssd/models/subset_drop_path.py)
     drop_path_subset: bool = False
+    # The student's global and local crops through the ViT blocks together: attention per resolution, norms and
+    # MLPs on all tokens at once (DINOv3's choice; ssd/models/packed_crops.py). Same result, fewer kernels
+    packed_crops: bool = False
     num_registers: int = 0  # register tokens (Darcet et al. 2024); 0 for plain DINO
     timm_kwargs: dict[str, Any] = field(default_factory=dict)  # passed as-is to timm.create_model
     pretrained: str = ""  # optional weights file to start from (ssd checkpoint/export, official DINO/DINOv2)

@@ -39,7 +39,7 @@ class DINO(EvaluatesTrainedNetwork, nn.Module):
     def __init__(self, cfg):
         super().__init__()
         backbone = build_student_backbone(cfg.model)
-        self.student = MultiCropEncoder(backbone, build_head(cfg, backbone.num_features))
+        self.student = MultiCropEncoder(backbone, build_head(cfg, backbone.num_features), cfg.model.packed_crops)
         # An EMA teacher starts as an exact copy of the student (same random init), as in the paper; a frozen or
         # random one (teacher.kind) gets its own head of the same prototypes on its own width.
         self.teacher, origin = build_teacher(cfg, self.student,

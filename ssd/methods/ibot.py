@@ -28,6 +28,7 @@ from ssd.losses.sinkhorn import sinkhorn_knopp
 from ssd.methods.dino import build_head
 from ssd.models.backbone import build_student_backbone, patch_size_of
 from ssd.models.layer_decay import vit_parameter_groups
+from ssd.models.packed_crops import encode_packed
 from ssd.models.token_network import TokenNetwork
 from ssd.models.tokens import require_tokens
 from ssd.monitors import collapse_statistics
@@ -133,9 +134,14 @@ class MaskedDistillation(EvaluatesTrainedNetwork, nn.Module):
                        targets: dict, group=None):
         """One student's DINO, iBOT and KoLeo losses against `targets`: (loss, outputs, its tokens of the masked
         global crops (2B, 3, H, W), which are the first two of `crops`)."""
-        student = network.encode(global_images, masks)
         local_crops = self.local_crops(crops)
-        local_cls = network.encode(torch.cat(local_crops)).cls if local_crops else None
+        if self.cfg.model.packed_crops and local_crops:  # all crop sizes through the blocks together
+            student, local = encode_packed(network.backbone, [global_images, torch.cat(local_crops)], [masks, None],
+                                           network.mask_token)
+            local_cls = local.cls
+        else:
+            student = network.encode(global_images, masks)
+            local_cls = network.encode(torch.cat(local_crops)).cls if local_crops else None
         loss, outputs = self.losses_from_features(network, student.cls, local_cls, student.patches[rows, columns],
                                                   token_weights, len(masks), targets, group)
         # Keeps the mask token in the graph when no patch of this micro-batch is masked (DDP expects a gradient

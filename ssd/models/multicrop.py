@@ -22,14 +22,20 @@ def same_size_groups(crops: list[torch.Tensor]) -> list[torch.Tensor]:
 
 
 class MultiCropEncoder(nn.Module):
-    def __init__(self, backbone: nn.Module, head: nn.Module):
+    def __init__(self, backbone: nn.Module, head: nn.Module, packed: bool = False):
         super().__init__()
         self.backbone = backbone
         self.head = head
+        self.packed = packed  # model.packed_crops: all sizes through the blocks together (ssd/models/packed_crops.py)
 
     def backbone_features(self, crops: list[torch.Tensor]) -> torch.Tensor:
         """crops: V tensors (B, 3, H_v, W_v) -> pooled features (V * B, D), in crop order."""
-        return torch.cat([self.backbone(group) for group in same_size_groups(crops)])
+        groups = same_size_groups(crops)
+        if self.packed and len(groups) > 1:
+            from ssd.models.packed_crops import encode_packed
+
+            return torch.cat([tokens.pooled for tokens in encode_packed(self.backbone, groups, [None] * len(groups))])
+        return torch.cat([self.backbone(group) for group in groups])
 
     def forward(self, crops: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         features = self.backbone_features(crops)  # (V * B, D)

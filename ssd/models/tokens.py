@@ -136,6 +136,11 @@ def encode(backbone: nn.Module, images: torch.Tensor, masks: torch.Tensor | None
     finally:
         if handle is not None:
             handle.remove()
+    return tokens_of(backbone, sequence)
+
+
+def tokens_of(backbone: nn.Module, sequence: torch.Tensor) -> Tokens:
+    """The parts of a ViT's final, normed token sequence (B, prefix + N, D)."""
     prefix = backbone.num_prefix_tokens
     has_cls = getattr(backbone, "cls_token", None) is not None
     return Tokens(
