@@ -34,6 +34,7 @@ from ssd.engine.metrics import MetricsWriter, ProgressBar, peak_memory_mib
 from ssd.engine.optim import apply_schedule, build_optimizer, clip_gradient_sets
 from ssd.engine.schedules import TrainingSchedule
 from ssd.engine.state import gather_rng_states, restore_rng
+from ssd.engine.step_flags import LaggedFlags
 from ssd.models.backbone import build_backbone
 from ssd.monitors import collapse_kind
 
@@ -141,6 +142,7 @@ class Trainer:
         # Gradients are clipped per set: one set for most methods, one per student for multi-student distillation.
         self.clip_sets = self.method.clip_sets() if hasattr(self.method, "clip_sets") else [self.trainable]
         self.step = 0
+        self.flags = LaggedFlags(self.device)
         self.last_checkpoint: Path | None = None
         self.last_usable_checkpoint: Path | None = None
         self.collapse_counts: dict[str, int] = {}
@@ -330,18 +332,17 @@ class Trainer:
         return contextlib.nullcontext()
 
     def train_step(self, batches, schedule: dict) -> tuple[torch.Tensor, torch.Tensor, dict]:
-        """One optimizer step. Returns ([loss summed over ranks, non-finite flag, stop flag], grad norm, outputs)."""
+        """One optimizer step, queued without waiting for it. Returns ([loss summed over ranks, non-finite flag,
+        stop flag], grad norm, outputs), all still on the device."""
         apply_schedule(self.optimizer, schedule["lr"], schedule["weight_decay"])
         if self.sharded:  # as DDP does at every forward: all processes take rank 0's buffers (BatchNorm statistics)
             sharding.broadcast_buffers(self.method)
         loss, outputs = self._forward_backward(batches, schedule)
         # One collective per step carries the loss, a non-finite flag and any stop request, so every rank
-        # takes the same decision at the same step.
-        stop = torch.tensor(float(signals.stop_requested()), device=self.device)
+        # takes the same decision at the same step; `fit` reads it a step later (ssd/engine/step_flags.py).
+        stop = loss.new_full((), float(signals.stop_requested()))  # a fill kernel: no host synchronisation
         flags = distributed.all_reduce_sum(torch.stack([loss, (~torch.isfinite(loss)).float(), stop]))
-        if flags[1] > 0:
-            self.optimizer.zero_grad(set_to_none=True)
-            raise NonFiniteLossError(f"loss is {loss.item()} at step {self.step}. " + self._recovery_advice())
+        self.flags.push(self.step, flags)
         self.scaler.unscale_(self.optimizer)
         grad_norm = clip_gradient_sets(self.clip_sets, self.cfg.optim.clip_grad, self.cfg.optim.clip_mode)
         if schedule["freeze_last_layer"]:
@@ -374,12 +375,17 @@ class Trainer:
             images_per_second = 0.0  # over the last log window, for the progress bar
             while self.step < total_steps:
                 schedule = self.schedule(self.step)
-                flags, grad_norm, outputs = self.train_step(batches, schedule)
+                _, grad_norm, outputs = self.train_step(batches, schedule)
                 self.step += 1
                 window_steps += 1
 
-                mean_loss = flags[0].item() / self.dist.world_size
-                if self.step % cfg.log.every_steps == 0 or self.step == total_steps:
+                log_now = self.step % cfg.log.every_steps == 0 or self.step == total_steps
+                save_now = self.step % cfg.checkpoint.every_steps == 0 or self.step == total_steps
+                # Other steps check the previous step's flags, without waiting for this one's work.
+                mean_loss, stop = self._check_flags(log_now or save_now, mean_loss)
+                if stop and not (log_now or save_now):  # noticed a step late: this step's loss before saving
+                    mean_loss, _ = self._check_flags(True, mean_loss)
+                if log_now:
                     elapsed = time.perf_counter() - window_start
                     images_per_second = window_steps * cfg.train.batch_size / max(elapsed, 1e-9)
                     self._log(writer, schedule, mean_loss, grad_norm, images_per_second, outputs)
@@ -390,8 +396,7 @@ class Trainer:
                     self.images.log(writer.board, self.method.eval_backbone(), self.step)  # not with fsdp (config)
                     window_start += time.perf_counter() - drawing_started  # images/s counts training time only
 
-                stop = flags[2] > 0
-                if self.step % cfg.checkpoint.every_steps == 0 or self.step == total_steps or stop:
+                if save_now or stop:
                     self.save()
                 if stop and self.step < total_steps:
                     status = "preempted"
@@ -410,6 +415,16 @@ class Trainer:
         return {"status": status, "step": self.step, "run_dir": str(self.run_dir), "seconds": seconds,
                 "steps_done": self.step - first_step, "final_loss": mean_loss,
                 "images_per_second": (self.step - first_step) * cfg.train.batch_size / max(seconds, 1e-9)}
+
+    def _check_flags(self, everything: bool, mean_loss: float) -> tuple[float, bool]:
+        """(the newest mean loss read, whether a stop was requested); raises on a non-finite loss."""
+        stop = False
+        for flags in self.flags.read(everything):
+            mean_loss = flags.loss_sum / self.dist.world_size
+            if flags.non_finite:
+                raise NonFiniteLossError(f"loss is {mean_loss} at step {flags.step}. " + self._recovery_advice())
+            stop = stop or flags.stop
+        return mean_loss, stop
 
     def evaluated_backbone(self) -> torch.nn.Module:
         """The network evaluation reads, with ordinary tensors (gathered by every process when sharded)."""
