@@ -39,6 +39,9 @@ class ModelConfig:
     # The student's global and local crops through the ViT blocks together: attention per resolution, norms and
     # MLPs on all tokens at once (DINOv3's choice; ssd/models/packed_crops.py). Same result, fewer kernels
     packed_crops: bool = False
+    # Activation checkpointing: each block's activations are recomputed in the backward instead of kept (timm's
+    # set_grad_checkpointing), about a block's worth of memory for a third more compute
+    grad_checkpointing: bool = False
     num_registers: int = 0  # register tokens (Darcet et al. 2024); 0 for plain DINO
     timm_kwargs: dict[str, Any] = field(default_factory=dict)  # passed as-is to timm.create_model
     pretrained: str = ""  # optional weights file to start from (ssd checkpoint/export, official DINO/DINOv2)

@@ -55,6 +55,12 @@ def build_backbone(model_cfg: Any) -> nn.Module:
         ) from error
     if getattr(model_cfg, "drop_path_uniform", False) and model_cfg.drop_path_rate > 0:
         _uniform_drop_path(model, float(model_cfg.drop_path_rate))
+    if getattr(model_cfg, "grad_checkpointing", False):
+        try:
+            model.set_grad_checkpointing(True)
+        except (AssertionError, AttributeError, NotImplementedError) as error:
+            raise ConfigError(f"model.grad_checkpointing=true: timm's {model_cfg.arch} does not support activation "
+                              f"checkpointing ({error or type(error).__name__}); set it to false") from None
     if getattr(model_cfg, "drop_path_subset", False) and not use_subset_drop_path(model):
         raise ConfigError(f"model.drop_path_subset=true computes the residual branches of timm ViT blocks on the kept "
                           f"samples; {model_cfg.arch} has none: set model.drop_path_subset=false")

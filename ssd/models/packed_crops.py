@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 from timm.models.vision_transformer import Block, VisionTransformer
+from torch.utils.checkpoint import checkpoint
 
 from ssd.models.tokens import Tokens, _mask_hook, encode, tokens_of
 
@@ -52,5 +53,8 @@ def encode_packed(backbone: nn.Module, images: list[torch.Tensor], masks: list[t
             embedded = _mask_hook(mask, mask_token)(None, None, embedded)
         sequences.append(backbone.norm_pre(backbone.patch_drop(backbone._pos_embed(embedded))))
     for block in backbone.blocks:
-        sequences = _packed_block(block, sequences)
+        if backbone.grad_checkpointing and torch.is_grad_enabled():  # model.grad_checkpointing, as timm does it
+            sequences = checkpoint(_packed_block, block, sequences, use_reentrant=False)
+        else:
+            sequences = _packed_block(block, sequences)
     return [tokens_of(backbone, sequence) for sequence in _rowwise(backbone.norm, sequences)]
