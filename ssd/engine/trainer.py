@@ -7,6 +7,8 @@
                                                  # method.clip_sets() where a method trains several networks
     method.after_step(schedule)                  # teacher update, centres, snapshots
     method.monitor(outputs)                      # loss terms and collapse statistics, at log steps only
+    method.eval_backbone() / eval_network        # what evaluation and export read ("teacher" or "student");
+    method.eval_backbones(), exported_networks() #   several named networks (multi_distill), when a method has them
 
 One step = `grad_accum_steps` micro-batches. Everything a resumed run needs is in the checkpoint, and every
 random draw is seeded from the step or the sample, so a resumed run is bitwise equal to an uninterrupted one.
