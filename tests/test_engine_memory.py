@@ -104,3 +104,30 @@ def test_auto_workers_follow_the_cores_given_to_the_process(tmp_path):
     result = subprocess.run(command, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "data.num_workers=-1: 0 loader worker(s) per process (1 CPU core(s)" in result.stderr
+
+
+def test_sharded_runs_count_a_share_of_the_gradients_and_optimizer_state():
+    """train.parallel=fsdp over N processes: each keeps 1/N of the gradients and of AdamW's moments, so the
+    estimate drops by (1 - 1/N) of a gradient copy and of two moment copies."""
+    import torch
+
+    from ssd.config import load_config
+    from ssd.engine import memory
+    from ssd.methods import build_method
+    from tests.tiny import TINY_OVERRIDES
+
+    method = build_method(load_config("dino_digits_demo", TINY_OVERRIDES))
+    collate = method.make_collate(0)
+
+    def make_batch(size: int) -> dict:
+        generator = torch.Generator().manual_seed(size)
+        return collate([{"crops": [torch.randn(3, s, s, generator=generator) for s in (32, 32, 16, 16)],
+                         "label": 0, "index": i, "epoch": 0} for i in range(size)])
+
+    estimates = [memory.measure(method, make_batch, 8, torch.device("cpu"), None, {"teacher_temp": 0.04}, 0, 1,
+                                shards) for shards in (1, 2, 4)]
+    trainable = sum(p.numel() * 4 for p in method.parameters() if p.requires_grad)
+    for shards, estimate in zip((2, 4), estimates[1:]):
+        saved = (1 - 1 / shards) * 3 * trainable  # one gradient copy and two AdamW moments
+        assert estimates[0].fixed - estimate.fixed == pytest.approx(saved, rel=1e-6)
+    assert estimates[0].per_image == estimates[2].per_image  # activations are not sharded

@@ -130,8 +130,12 @@ def _step_bytes(method, batch: dict, device: torch.device, amp_dtype, schedule: 
 
 
 def measure(method, make_batch, micro_batch: int, device: torch.device, amp_dtype, schedule: dict,
-            workers: int, processes: int) -> MemoryEstimate:
-    """Run the probe steps; `make_batch(n)` gives a device batch of n images (the real crops and collate)."""
+            workers: int, processes: int, shards: int = 1) -> MemoryEstimate:
+    """Run the probe steps; `make_batch(n)` gives a device batch of n images (the real crops and collate).
+
+    `shards` > 1 (train.parallel=fsdp over that many processes): each process keeps 1/shards of the gradients
+    and of the optimizer state; the probe, which runs the unsharded copy, counted one whole copy of the
+    gradients, so (1 - 1/shards) of it is taken off."""
     # The probe steps run on a copy: whatever a method keeps between forward and after_step (collected
     # teacher logits, BatchNorm statistics, gradients) stays in the copy, so training starts untouched.
     probe = copy.deepcopy(method).train()
@@ -146,8 +150,9 @@ def measure(method, make_batch, micro_batch: int, device: torch.device, amp_dtyp
             torch.cuda.empty_cache()
     small, large = PROBE_SIZES
     per_image = max(used[large] - used[small], 0.0) / (large - small)
-    step_fixed = max(used[small] - per_image * small, 0.0)
-    optimizer_state = 2 * sum(p.numel() * 4 for p in method.parameters() if p.requires_grad)  # AdamW, fp32
+    trainable_bytes = sum(p.numel() * 4 for p in method.parameters() if p.requires_grad)  # fp32
+    step_fixed = max(used[small] - per_image * small - trainable_bytes * (1 - 1 / shards), 0.0)
+    optimizer_state = 2 * trainable_bytes / shards  # AdamW's two moments
     crop_bytes = sum(crop[0].numel() * 4 for crop in samples[small]["crops"])  # float32 crops of one image
     loader_per_image = crop_bytes * PREFETCH_FACTOR * max(workers, 1) * (2 if device.type == "cuda" else 1)
     host = available_host_bytes()

@@ -160,8 +160,9 @@ class Trainer:
         def make_batch(size: int) -> dict:
             return self._to_device(self.collate([self.samples[(0, i % len(self.samples))] for i in range(size)]))
 
+        shards = self.dist.world_size if self.cfg.train.parallel == "fsdp" else 1
         estimate = memory.measure(self.method, make_batch, self.micro_batch, self.device, self.amp_dtype,
-                                  self.schedule(0), self.workers, machine.processes_on_this_node())
+                                  self.schedule(0), self.workers, machine.processes_on_this_node(), shards)
         too_large = distributed.all_reduce_sum(torch.tensor([float(estimate.share > memory.REFUSE_ABOVE)],
                                                             device=self.device))
         if too_large.item() > 0:
