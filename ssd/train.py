@@ -15,17 +15,15 @@ from pathlib import Path
 
 import torch
 
-from ssd.checkpoint_import import model_config
 from ssd.cli import EXIT_USAGE, report_error, user_errors
 from ssd.config import ConfigError, check_world_size, load_config
 from ssd.data import MultiCropAugmentation, build_dataset
-from ssd.engine import distributed, sharding, signals
+from ssd.engine import distributed, signals
 from ssd.engine.checkpoint import CheckpointError
 from ssd.engine.run_folder import ResumePlan, RunFolderError, open_run_folder, undo_start
 from ssd.engine.state import seed_everything
-from ssd.engine.trainer import NonFiniteLossError, Trainer, evaluated_networks, steps_per_epoch
+from ssd.engine.trainer import NonFiniteLossError, Trainer, evaluated_networks, plain_network, steps_per_epoch
 from ssd.methods import build_method
-from ssd.models.backbone import build_backbone
 
 log = logging.getLogger("ssd")
 # sysexits.h EX_TEMPFAIL, "try again later": the run stopped on a signal after saving; running the same command
@@ -143,8 +141,7 @@ def run(cfg) -> dict:
         result = trainer.fit()
         if result["status"] == "finished" and cfg.eval.knn:
             # every process: gathering a sharded (fsdp) network is collective
-            networks = {which: (sharding.plain_copy(backbone, lambda m=model: build_backbone(model_config(m)),
-                                                    dist_info.device), model)
+            networks = {which: (plain_network(backbone, model, dist_info.device), model)
                         for which, (backbone, model) in evaluated_networks(method, cfg).items()}
             if dist_info.is_main:
                 from ssd.knn_report import knn_report

@@ -35,8 +35,9 @@ def shard_method(method: nn.Module, bf16_params: bool = False) -> int:
     """Shard `method` in place (every process, same order); returns the number of FSDP units."""
     # Each process built its own random init (seeded by its rank); DDP broadcasts process 0's at construction,
     # fully_shard would keep each process's slice of its own: broadcast first.
-    for tensor in [*method.parameters(), *method.buffers()]:
-        dist.broadcast(tensor.detach(), src=0)
+    for parameter in method.parameters():
+        dist.broadcast(parameter.detach(), src=0)
+    broadcast_buffers(method)
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16_params \
         else MixedPrecisionPolicy()
     units = 0

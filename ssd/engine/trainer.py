@@ -76,6 +76,11 @@ def evaluated_networks(method, cfg) -> dict:
     return {getattr(method, "eval_network", "teacher"): (method.eval_backbone(), to_dict(cfg.model))}
 
 
+def plain_network(backbone: torch.nn.Module, model: dict, device: torch.device) -> torch.nn.Module:
+    """An evaluated network with ordinary tensors: itself, or gathered by every process when sharded (fsdp)."""
+    return sharding.plain_copy(backbone, lambda: build_backbone(model_config(model)), device)
+
+
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     if precision == "auto":
         return torch.bfloat16 if device.type == "cuda" else None
@@ -334,9 +339,9 @@ class Trainer:
             return self.model.no_sync()
         return contextlib.nullcontext()
 
-    def train_step(self, batches, schedule: dict) -> tuple[torch.Tensor, torch.Tensor, dict]:
-        """One optimizer step, queued without waiting for it. Returns ([loss summed over ranks, non-finite flag,
-        stop flag], grad norm, outputs), all still on the device."""
+    def train_step(self, batches, schedule: dict) -> tuple[torch.Tensor, dict]:
+        """One optimizer step, queued without waiting for it. Returns (grad norm, outputs), still on the device;
+        the step's loss and flags go to `self.flags`."""
         apply_schedule(self.optimizer, schedule["lr"], schedule["weight_decay"])
         if self.sharded:  # as DDP does at every forward: all processes take rank 0's buffers (BatchNorm statistics)
             sharding.broadcast_buffers(self.method)
@@ -355,7 +360,7 @@ class Trainer:
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.method.after_step(schedule)
-        return flags, grad_norm, outputs
+        return grad_norm, outputs
 
     def fit(self) -> dict:
         cfg = self.cfg
@@ -378,7 +383,7 @@ class Trainer:
             images_per_second = 0.0  # over the last log window, for the progress bar
             while self.step < total_steps:
                 schedule = self.schedule(self.step)
-                _, grad_norm, outputs = self.train_step(batches, schedule)
+                grad_norm, outputs = self.train_step(batches, schedule)
                 self.step += 1
                 window_steps += 1
 
@@ -432,7 +437,7 @@ class Trainer:
     def evaluated_backbone(self) -> torch.nn.Module:
         """The network evaluation reads, with ordinary tensors (gathered by every process when sharded)."""
         backbone, model = next(iter(evaluated_networks(self.method, self.cfg).values()))
-        return sharding.plain_copy(backbone, lambda: build_backbone(model_config(model)), self.device)
+        return plain_network(backbone, model, self.device)
 
     def _log(self, writer, schedule, loss, grad_norm, images_per_second, outputs) -> None:
         stats = self.method.monitor(outputs)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from ssd.models.packed_crops import encode_packed
+
 
 def same_size_groups(crops: list[torch.Tensor]) -> list[torch.Tensor]:
     """V tensors (B, 3, H_v, W_v) -> one (V_s * B, 3, H, W) tensor per run of consecutive crops of one size, in
@@ -32,8 +34,6 @@ class MultiCropEncoder(nn.Module):
         """crops: V tensors (B, 3, H_v, W_v) -> pooled features (V * B, D), in crop order."""
         groups = same_size_groups(crops)
         if self.packed and len(groups) > 1:
-            from ssd.models.packed_crops import encode_packed
-
             return torch.cat([tokens.pooled for tokens in encode_packed(self.backbone, groups, [None] * len(groups))])
         return torch.cat([self.backbone(group) for group in groups])
 
