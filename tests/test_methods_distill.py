@@ -145,6 +145,19 @@ def test_feature_distillation_trains_student_and_projections_never_the_teacher(t
     assert not [name for name in method.state_dict() if name.startswith("teacher.")]
 
 
+def test_a_convnext_student_learns_the_vit_teachers_pooled_and_patch_features(teacher_run):
+    """ConvNeXt, the third kind of student the issue names: its last map (stride 8 here) lies on the teacher's
+    4 x 4 grid, and both projections and every stage train."""
+    method = method_for(teacher_run, "method.name=feature_distill", "model.arch=convnext_atto", "model.patch_size=0",
+                        "model.timm_kwargs={output_stride: 8, dims: [16, 32, 48, 64], depths: [1, 1, 1, 1]}")
+    loss, outputs = method(method.make_collate(0)(samples(4, [32, 32, 16, 16])), {})
+    loss.backward()
+    assert type(method.student.backbone).__name__ == "ConvNeXt"
+    assert method.dense_projection.weight.shape == (192, 64) and method.dense_projection.weight.grad.abs().sum() > 0
+    assert all(stage.blocks[0].conv_dw.weight.grad.abs().sum() > 0 for stage in method.student.backbone.stages)
+    assert 0 < loss.item() < 4 and -1 <= outputs["pooled_cosine"] <= 1
+
+
 def test_feature_distillation_targets_choose_the_terms(teacher_run):
     pooled_only = method_for(teacher_run, *FEATURES, "distill.targets=pooled")
     patches_only = method_for(teacher_run, *FEATURES, "distill.targets=patches", "distill.projection=mlp")

@@ -11,6 +11,7 @@ from typing import Any
 
 import timm
 import torch.nn as nn
+from omegaconf import DictConfig, OmegaConf
 from timm.layers import DropPath
 
 from ssd.config import ConfigError
@@ -34,7 +35,10 @@ def timm_kwargs(model_cfg: Any) -> dict:
             kwargs[name] = int(model_cfg.num_registers)
     elif model_cfg.num_registers:
         raise ConfigError(f"model.num_registers needs a ViT; '{model_cfg.arch}' is not one: set it to 0")
-    kwargs.update(dict(model_cfg.timm_kwargs or {}))
+    extra = model_cfg.timm_kwargs or {}
+    if isinstance(extra, DictConfig):  # from a config: plain lists and dicts for timm (a ListConfig breaks
+        extra = OmegaConf.to_container(extra, resolve=True)  # ConvNeXt's `depths`, for one)
+    kwargs.update(extra)
     return kwargs
 
 
