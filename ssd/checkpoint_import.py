@@ -27,6 +27,7 @@ from timm.models.eva import Eva
 from timm.models.eva import checkpoint_filter_fn as eva_checkpoint_filter_fn
 from timm.models.vision_transformer import VisionTransformer
 
+from ssd.engine.sharded_checkpoint import is_sharded_checkpoint
 from ssd.file_kinds import PICKLE, SAFETENSORS, TORCH_ZIP, describe_file
 
 EXPORT_WEIGHTS = "model.safetensors"
@@ -41,6 +42,8 @@ class WeightsError(RuntimeError):
 def resolve_weights_path(path: str | Path) -> Path:
     """The weights file behind ``path``: itself, an export folder's safetensors, or a run's newest checkpoint."""
     path = Path(path).expanduser()
+    if is_sharded_checkpoint(path):
+        return path
     if path.is_dir():
         if (path / EXPORT_WEIGHTS).is_file():
             return path / EXPORT_WEIGHTS
@@ -48,7 +51,7 @@ def resolve_weights_path(path: str | Path) -> Path:
 
         newest = find_latest_checkpoint(path)
         if newest is None:
-            raise WeightsError(f"{path} holds neither {EXPORT_WEIGHTS} nor a readable checkpoint_*.pt; {EXPECTED}")
+            raise WeightsError(f"{path} holds neither {EXPORT_WEIGHTS} nor a readable checkpoint; {EXPECTED}")
         return newest
     if not path.is_file():
         raise WeightsError(f"weights file not found: {path}; {EXPECTED}")
@@ -58,6 +61,13 @@ def resolve_weights_path(path: str | Path) -> Path:
 def read_weights_file(path: str | Path) -> dict:
     """The raw content of a weights file, without executing any pickled code."""
     path = resolve_weights_path(path)
+    if is_sharded_checkpoint(path):  # a folder of slices (an FSDP run's): its state plus the method's whole tensors
+        from ssd.engine.checkpoint import CheckpointError, load_checkpoint
+
+        try:
+            return load_checkpoint(path, whole=True)
+        except (CheckpointError, RuntimeError, OSError) as error:
+            raise WeightsError(f"cannot read sharded checkpoint {path}: {error}") from error
     # Sniffed first: torch's unpickler rejects an image or a YAML file with the words it uses for a pickle
     # that could run code.
     kind = describe_file(path)

@@ -261,6 +261,11 @@ class CheckpointConfig:
     # A checkpoint whose largest weight exceeds this is marked unusable: trained ViTs and ResNets hold weights of
     # order 1-100, so far larger ones mean the run was already blowing up (a NaN usually follows).
     max_abs_weight: float = 1e4
+    # file: one checkpoint_<step>.pt written by process 0 (a sharded run gathers every tensor to it first);
+    # sharded: a checkpoint_<step>.dcp/ folder each process writes its own slices into (torch.distributed.checkpoint),
+    # so nothing is gathered: what a ViT-g with FSDP needs. auto: sharded with train.parallel=fsdp on several
+    # processes, else file. Either kind resumes at any number of processes, with DDP or FSDP, and exports alike.
+    format: str = "auto"
 
 
 @dataclass
@@ -327,6 +332,7 @@ CHOICES = {
     "train.precision": ("auto", "fp32", "bf16", "fp16"),
     "train.device": ("auto", "cpu", "cuda"),
     "train.parallel": ("ddp", "fsdp"),
+    "checkpoint.format": ("auto", "file", "sharded"),
 }
 
 

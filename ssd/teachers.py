@@ -84,10 +84,15 @@ class TeacherChangedError(ConfigError):
 
 
 def file_sha256(path: str | Path) -> str:
+    """The SHA-256 of a file; of a sharded checkpoint folder, that of its files' names and bytes in name order."""
+    path = Path(path)
     digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(chunk)
+    for file in sorted(path.iterdir()) if path.is_dir() else [path]:
+        if path.is_dir():
+            digest.update(file.name.encode())
+        with open(file, "rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 22), b""):
+                digest.update(chunk)
     return digest.hexdigest()
 
 

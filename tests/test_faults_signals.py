@@ -77,9 +77,11 @@ def processes_running(marker: str) -> list[int]:
 def assert_stopped_with_checkpoint(run_dir: Path, output: str, launcher_traceback: bool = False) -> int:
     """One checkpoint, at a step before the end, nothing half-written, the lock released. torchrun prints a
     traceback of its own SignalException (`launcher_traceback`); the training processes never do."""
-    saved = sorted(run_dir.glob("checkpoint_*.pt"))
+    from ssd.engine.checkpoint import list_checkpoints, step_of
+
+    saved = list_checkpoints(run_dir)  # files, or the folders of a sharded run
     assert len(saved) == 1, output
-    step = int(saved[0].stem.split("_")[1])
+    step = step_of(saved[0])
     assert 0 < step < TOTAL_STEPS, output
     assert "stop requested: saved checkpoint" in output, output
     assert output.count("Traceback") == (1 if launcher_traceback else 0), output

@@ -1,5 +1,6 @@
-"""train.parallel=fsdp (FSDP2) on 2 gloo processes: the same training as DDP, checkpoints that resume at 2
-processes bitwise and at 1 process (unsharded), and evaluation and export that read the gathered weights."""
+"""train.parallel=fsdp (FSDP2) on 2 gloo processes: the same training as DDP, checkpoints (sharded folders, or
+single files of gathered tensors) that resume at 2 processes bitwise and at 1 process (unsharded), and
+evaluation and export that read the gathered weights."""
 
 from __future__ import annotations
 
@@ -22,12 +23,15 @@ MASKED = (*DINOV2, "method.koleo_weight=0", "method.mask_probability=0.75")
 @pytest.mark.parametrize("method", [(), MASKED, ("teacher.kind=random",)], ids=["dino", "dinov2", "random_teacher"])
 def test_fsdp_trains_as_ddp(tmp_path, method):
     """Sharded weights, gradients and AdamW moments, the same updates: DDP's weights within float tolerance, and
-    the logged losses too. The checkpoint holds whole tensors in DDP's layout."""
+    the logged losses too. Each process writes its own half of the checkpoint; read whole, it has DDP's layout."""
     run_training(tiny_overrides(tmp_path, "ddp", *SAME, *method), nproc=2)
     result = run_training(tiny_overrides(tmp_path, "fsdp", *SAME, *method, *FSDP), nproc=2)
     assert "train.parallel=fsdp: 5 FSDP2 units over 2 processes" in result.stderr  # 2 x 2 blocks + the root
     ddp, fsdp = final_weights(tmp_path / "ddp"), final_weights(tmp_path / "fsdp")
     assert ddp.keys() == fsdp.keys()
+    folder = tmp_path / "fsdp" / "checkpoint_00000006.dcp"
+    sizes = [(folder / f"__{rank}_0.distcp").stat().st_size for rank in (0, 1)]
+    assert max(sizes) < 0.6 * sum(sizes), sizes  # no process wrote (or gathered) the whole state
     state = checkpoint_state(tmp_path / "fsdp", 6)
     tensors = [*state["method"].values(), *(v for entries in state["optimizer"]["state"].values()
                                             for v in entries.values())]
@@ -41,35 +45,48 @@ def test_fsdp_trains_as_ddp(tmp_path, method):
 
 
 def checkpoint_state(run_dir, step: int) -> dict:
-    from ssd.engine.checkpoint import load_checkpoint
+    """The checkpoint of `step`, file or sharded folder, with whole tensors."""
+    from ssd.engine.checkpoint import checkpoint_path, load_checkpoint
 
-    return load_checkpoint(run_dir / f"checkpoint_{step:08d}.pt")
+    path = checkpoint_path(run_dir, step)
+    return load_checkpoint(path if path.exists() else checkpoint_path(run_dir, step, sharded=True), whole=True)
 
 
 @pytest.mark.slow
-def test_an_fsdp_checkpoint_resumes_at_two_processes_bitwise_and_at_one(tmp_path):
-    same = (*SAME, *FSDP, "checkpoint.keep=0")
+@pytest.mark.parametrize("kind", ["sharded", "file"])
+def test_an_fsdp_checkpoint_resumes_at_two_processes_bitwise_and_at_one(tmp_path, kind):
+    """Saved at 2 processes (each writing its slices, or process 0 a gathered file), resumed at 2 with FSDP bit
+    for bit, at 1 process, and at 2 with DDP."""
+    from ssd.engine.checkpoint import checkpoint_path
+
+    same = (*SAME, *FSDP, "checkpoint.keep=0", f"checkpoint.format={kind}")
     run_training(tiny_overrides(tmp_path, "whole", *same), nproc=2)
+    assert checkpoint_path(tmp_path / "whole", 6, sharded=kind == "sharded").exists()
     optimizer = checkpoint_state(tmp_path / "whole", 3)["optimizer"]
     reference = checkpoint_state(tmp_path / "whole", 6)
     numbered = [p for group in optimizer["param_groups"] for p in group["params"]]
     assert numbered == list(range(len(numbered)))  # Optimizer.state_dict()'s own layout, as DDP writes it
     assert set(optimizer["state"]) <= set(numbered) and len(optimizer["state"]) >= len(numbered) - 2  # last layer
     assert optimizer["state"][0]["exp_avg"].shape == reference["method"]["student.backbone.cls_token"].shape
-    for processes in (2, 1):
-        resumed = tmp_path / f"resumed{processes}"
+    for processes, parallel in ((2, "fsdp"), (1, "fsdp"), (2, "ddp")):
+        resumed = tmp_path / f"resumed{processes}{parallel}"
         shutil.copytree(tmp_path / "whole", resumed)
-        (resumed / "checkpoint_00000006.pt").unlink()  # the run stopped after step 3
-        result = run_training(tiny_overrides(tmp_path, resumed.name, *same), nproc=processes)
+        remove(checkpoint_path(resumed, 6, sharded=kind == "sharded"))  # the run stopped after step 3
+        result = run_training(tiny_overrides(tmp_path, resumed.name, *same, f"train.parallel={parallel}"),
+                              nproc=processes)
         assert "resumed from" in result.stderr and "at step 3" in result.stderr
-        if processes == 2:
+        if (processes, parallel) == (2, "fsdp"):
             assert_bitwise_equal(final_weights(resumed), final_weights(tmp_path / "whole"))
             moments = checkpoint_state(resumed, 6)["optimizer"]["state"]
             assert all(torch.equal(moments[i]["exp_avg"], reference["optimizer"]["state"][i]["exp_avg"])
                        for i in moments)
-        else:  # unsharded: other reduction order, the same training
+        else:  # unsharded: another reduction order, the same training
             for name, value in final_weights(tmp_path / "whole").items():
                 torch.testing.assert_close(final_weights(resumed)[name], value, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def remove(path) -> None:
+    shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
 @pytest.mark.slow

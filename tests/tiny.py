@@ -67,7 +67,7 @@ def run_training(overrides: list[str], nproc: int = 1, timeout: float = 300) -> 
 def final_weights(run_dir: Path) -> dict:
     from ssd.engine.checkpoint import find_latest_checkpoint, load_checkpoint
 
-    state = load_checkpoint(find_latest_checkpoint(run_dir))
+    state = load_checkpoint(find_latest_checkpoint(run_dir), whole=True)
     return {name: value for name, value in state["method"].items() if isinstance(value, torch.Tensor)}
 
 

@@ -4,7 +4,9 @@ A checkpoint is a dict: {"format": "ssd.checkpoint", "version": 1, "config": pla
 "method": state dict ("student.*", "teacher.*", loss buffers), "optimizer", "scaler", "rng", "sampler"}.
 Files are `<run_dir>/checkpoint_<step:08d>.pt`. A write goes to a temporary file in the same folder, is flushed
 and fsynced, then renamed over the final name, so a crash or a full disk never leaves a half-written checkpoint
-under a valid name and never touches the previous ones.
+under a valid name and never touches the previous ones. A sharded run writes folders `checkpoint_<step:08d>.dcp/`
+instead (`ssd.engine.sharded_checkpoint`), published the same way; both kinds are listed, chosen and pruned alike,
+and `load_checkpoint` of a folder returns the same dict without the tensors of "method" and "optimizer".
 """
 
 from __future__ import annotations
@@ -19,10 +21,12 @@ from pathlib import Path
 
 import torch
 
+from ssd.engine import sharded_checkpoint
+
 FORMAT = "ssd.checkpoint"
 VERSION = 1
-CHECKPOINT_PATTERN = re.compile(r"^checkpoint_(\d{8})\.pt$")
-TEMPORARY_MARK = ".tmp-"  # .checkpoint_<step>.pt.tmp-<pid>: a write in progress (or killed)
+CHECKPOINT_PATTERN = re.compile(r"^checkpoint_(\d{8})\.(pt|dcp)$")
+TEMPORARY_MARK = ".tmp-"  # .checkpoint_<step>.pt.tmp-<pid>, .checkpoint_<step>.dcp.tmp-partial: a write in progress
 log = logging.getLogger(__name__)
 
 
@@ -30,25 +34,35 @@ class CheckpointError(RuntimeError):
     """A checkpoint could not be written or read; the message names the file and what to do."""
 
 
-def checkpoint_path(run_dir: str | Path, step: int) -> Path:
-    return Path(run_dir) / f"checkpoint_{step:08d}.pt"
+def checkpoint_path(run_dir: str | Path, step: int, sharded: bool = False) -> Path:
+    return Path(run_dir) / f"checkpoint_{step:08d}{sharded_checkpoint.SUFFIX if sharded else '.pt'}"
 
 
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
-    """Checkpoint files of a run, oldest first."""
+    """Checkpoints of a run (files and sharded folders), oldest first."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         return []
-    found = [p for p in run_dir.iterdir() if CHECKPOINT_PATTERN.match(p.name)]
-    return sorted(found, key=lambda p: int(CHECKPOINT_PATTERN.match(p.name).group(1)))
+    found = [p for p in run_dir.iterdir() if CHECKPOINT_PATTERN.match(p.name)
+             and (p.is_dir() if p.name.endswith(sharded_checkpoint.SUFFIX) else p.is_file())]
+    return sorted(found, key=lambda p: (step_of(p), p.stat().st_mtime))
+
+
+def is_checkpoint(path: Path) -> bool:
+    """A checkpoint file or sharded checkpoint folder (not a run folder)."""
+    return path.is_file() or sharded_checkpoint.is_sharded_checkpoint(path)
 
 
 def _no_space(error: BaseException, folder: Path) -> bool:
     """Whether a failed write ran out of space. torch.save reports a full disk as a RuntimeError from its zip
-    writer, with the OSError(ENOSPC) only in the exception's context, so walk the chain, then ask the disk."""
+    writer, with the OSError(ENOSPC) only in the exception's context, and DCP keeps each process's exception in
+    `failures`, so walk those, then ask the disk."""
     seen = error
     while seen is not None:
         if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        failures = [f[0] if isinstance(f, tuple) else f for f in (getattr(seen, "failures", None) or {}).values()]
+        if any(isinstance(f, BaseException) and _no_space(f, folder) for f in failures):
             return True
         seen = seen.__cause__ or seen.__context__
     try:
@@ -71,23 +85,43 @@ def save_checkpoint(path: str | Path, state: dict) -> Path:
         temporary.unlink(missing_ok=True)
         if not isinstance(error, Exception):
             raise
-        if _no_space(error, path.parent):
-            raise CheckpointError(
-                f"no space left to write checkpoint {path}: free space on that disk or set output.root to a "
-                "larger file system, then resume; earlier checkpoints are untouched"
-            ) from error
-        raise CheckpointError(f"could not write checkpoint {path}: {type(error).__name__}: {error}") from error
+        raise _write_error(error, path) from error
     _fsync_directory(path.parent)
     return path
 
 
+def save_sharded(path: Path, method, optimizer, state: dict) -> Path:
+    """`sharded_checkpoint.save` (every process), with save_checkpoint's errors."""
+    try:
+        return sharded_checkpoint.save(path, method, optimizer, state, save_checkpoint)
+    except Exception as error:
+        raise _write_error(error, path) from error
+
+
+def _write_error(error: Exception, path: Path) -> CheckpointError:
+    if _no_space(error, path.parent):
+        return CheckpointError(
+            f"no space left to write checkpoint {path}: free space on that disk or set output.root to a "
+            "larger file system, then resume; earlier checkpoints are untouched"
+        )
+    detail = str(error).strip().splitlines()
+    return CheckpointError(f"could not write checkpoint {path}: {type(error).__name__}: {' '.join(detail[:3])[:400]}")
+
+
 def remove_stale_temporaries(run_dir: str | Path) -> list[Path]:
     """Delete temporary checkpoint files left by a process killed while writing (call with the run lock held)."""
-    stale = [p for p in Path(run_dir).glob(f".checkpoint_*.pt{TEMPORARY_MARK}*") if p.is_file()]
+    stale = [p for p in Path(run_dir).glob(f".checkpoint_*{TEMPORARY_MARK}*")]
     for path in stale:
         log.warning("removing %s, a checkpoint that was being written when its process died", path)
-        path.unlink(missing_ok=True)
+        _remove(path)
     return stale
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def step_of(path: Path) -> int:
@@ -110,7 +144,8 @@ def newest_usable_checkpoint(run_dir: str | Path) -> Path | None:
     for path in reversed(list_checkpoints(run_dir)):
         try:
             # mmap: only the small pickle is read; the tensors stay on disk.
-            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            state = torch.load(path / sharded_checkpoint.STATE_FILE if path.is_dir() else path, map_location="cpu",
+                               weights_only=True, mmap=True)
         except Exception:
             continue
         if isinstance(state, dict) and state.get("format") == FORMAT and state.get("health", {}).get("usable", True):
@@ -137,18 +172,26 @@ def _fsync_directory(directory: Path) -> None:
         os.close(fd)
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
-    """Load with `weights_only=True`: tensors and plain containers only, never arbitrary pickled code."""
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", whole: bool = False) -> dict:
+    """Load with `weights_only=True`: tensors and plain containers only, never arbitrary pickled code. A sharded
+    folder gives its state without "method" and "optimizer" (`sharded_checkpoint.load_into` reads them into a
+    run), or with them as whole CPU tensors, a single file's layout, where `whole`."""
     path = Path(path)
-    if path.is_dir():
+    if path.is_dir() and not sharded_checkpoint.is_sharded_checkpoint(path):
         newest = find_latest_checkpoint(path)
         if newest is None:
             raise CheckpointError(f"no valid checkpoint_*.pt in run folder {path}")
         path = newest
-    if not path.is_file():
+    if not is_checkpoint(path):
         raise CheckpointError(f"checkpoint file not found: {path}")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        if path.is_dir():
+            sharded_checkpoint.read_index(path)  # every slice present and whole
+            state = torch.load(path / sharded_checkpoint.STATE_FILE, map_location=map_location, weights_only=True)
+            if whole:
+                state.update(sharded_checkpoint.load_whole_state(path, state))
+        else:
+            state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:  # torch raises several types for truncated, corrupt or unsafe files
         raise CheckpointError(
             f"cannot read checkpoint {path} ({type(error).__name__}: {str(error).splitlines()[0][:300]}); "
@@ -186,4 +229,4 @@ def prune_checkpoints(run_dir: str | Path, keep: int, protect: list[Path] = ()) 
     protected = {Path(p).resolve() for p in protect}
     for path in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
         if path.resolve() not in protected:
-            path.unlink(missing_ok=True)
+            _remove(path)

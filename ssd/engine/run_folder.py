@@ -144,8 +144,12 @@ def _set_aside(run_dir: Path, paths: list[Path], why: str) -> None:
 
 
 def _resolve_resume_from(run_dir: Path, value: str) -> Path:
-    path = ckpt.checkpoint_path(run_dir, int(value)) if value.isdigit() else Path(value).expanduser()
-    if not path.is_file():
+    if value.isdigit():  # a step: its file, or its sharded folder
+        path = ckpt.checkpoint_path(run_dir, int(value))
+        path = path if path.exists() else ckpt.checkpoint_path(run_dir, int(value), sharded=True)
+    else:
+        path = Path(value).expanduser()
+    if not ckpt.is_checkpoint(path):
         available = ", ".join(p.name for p in ckpt.list_checkpoints(run_dir)) or "none"
         raise RunFolderError(f"train.resume_from={value}: no checkpoint file {path} (checkpoints in {run_dir}: "
                              f"{available})")

@@ -30,7 +30,7 @@ from ssd.checkpoint_import import model_config
 from ssd.config import ConfigError, check_world_size, to_dict
 from ssd.data import ResumableDistributedSampler, SeededCropsDataset
 from ssd.engine import checkpoint as ckpt
-from ssd.engine import distributed, machine, memory, sharding, signals
+from ssd.engine import distributed, machine, memory, sharded_checkpoint, sharding, signals
 from ssd.engine.compile import compile_regions
 from ssd.engine.metrics import MetricsWriter, ProgressBar, peak_memory_mib
 from ssd.engine.optim import apply_schedule, build_optimizer, clip_gradient_sets
@@ -143,6 +143,8 @@ class Trainer:
                 # rank exactly. The loss center is all-reduced anyway.
                 broadcast_buffers=True,
             )
+        self.sharded_checkpoints = cfg.checkpoint.format == "sharded" or (cfg.checkpoint.format == "auto"
+                                                                          and self.sharded)
         # After sharding: FSDP2 replaces the parameters with DTensors, which the optimizer must hold.
         self.optimizer = build_optimizer(self.method.param_groups(), cfg.optim.betas, self.device)
         self.trainable = [p for p in self.method.parameters() if p.requires_grad]
@@ -181,38 +183,38 @@ class Trainer:
         rng_states = gather_rng_states(self.dist.world_size)  # collective
         if self.sharded:  # each process holds a shard: the verdict is over all of them
             health = sharding.weights_health(self.method.parameters(), self.cfg.checkpoint.max_abs_weight)
-            model_state, optimizer_state = sharding.full_state(self.method, self.optimizer, self.dist.is_main)
         else:
             # Every rank holds the same weights (DDP), so every rank reaches the same verdict without a collective.
             health = ckpt.weights_health(self.method.parameters(), self.cfg.checkpoint.max_abs_weight)
-            model_state, optimizer_state = None, None
         if not health["finite"]:
             raise NonFiniteLossError(f"the weights are not finite at step {self.step}; no checkpoint was written. "
                                      + self._recovery_advice())
-        path = None
+        epoch = self.schedule.epoch_of(self.step)
+        state = {
+            "config": to_dict(self.cfg),
+            "step": self.step,
+            "epoch": epoch,
+            "scaler": self.scaler.state_dict(),
+            "rng": rng_states,
+            "sampler": {"epoch": epoch, "start": self._epoch_offset(self.step), "seed": self.cfg.train.seed},
+            "world_size": self.dist.world_size,
+            "data": {"images": self.dataset_size},
+            "health": health,
+            # what evaluation and export read: "teacher" (EMA) or "student" (fixed teachers)
+            "eval_backbone": getattr(self.method, "eval_network", "teacher"),
+            # methods that train several networks (multi_distill): where each one is, and its model config
+            "networks": getattr(self.method, "exported_networks", dict)(),
+        }
+        path = ckpt.checkpoint_path(self.run_dir, self.step, sharded=self.sharded_checkpoints)
+        if self.sharded_checkpoints:  # every process writes its slices; nothing is gathered
+            ckpt.save_sharded(path, self.method, self.optimizer, state)
+        elif self.sharded:  # whole tensors gathered to process 0: the same single file as DDP's
+            state["method"], state["optimizer"] = sharding.full_state(self.method, self.optimizer, self.dist.is_main)
+        else:
+            state["method"], state["optimizer"] = self.method.state_dict(), self.optimizer.state_dict()
         if self.dist.is_main:
-            epoch = self.schedule.epoch_of(self.step)
-            path = ckpt.save_checkpoint(
-                ckpt.checkpoint_path(self.run_dir, self.step),
-                {
-                    "config": to_dict(self.cfg),
-                    "step": self.step,
-                    "epoch": epoch,
-                    # the same layout with DDP and FSDP: a run resumes in either, at any number of processes
-                    "method": model_state if self.sharded else self.method.state_dict(),
-                    "optimizer": optimizer_state if self.sharded else self.optimizer.state_dict(),
-                    "scaler": self.scaler.state_dict(),
-                    "rng": rng_states,
-                    "sampler": {"epoch": epoch, "start": self._epoch_offset(self.step), "seed": self.cfg.train.seed},
-                    "world_size": self.dist.world_size,
-                    "data": {"images": self.dataset_size},
-                    "health": health,
-                    # what evaluation and export read: "teacher" (EMA) or "student" (fixed teachers)
-                    "eval_backbone": getattr(self.method, "eval_network", "teacher"),
-                    # methods that train several networks (multi_distill): where each one is, and its model config
-                    "networks": getattr(self.method, "exported_networks", dict)(),
-                },
-            )
+            if not self.sharded_checkpoints:
+                ckpt.save_checkpoint(path, state)
             if not health["usable"]:
                 log.warning("weights reach %.3g at step %d (checkpoint.max_abs_weight=%g): the run is blowing up. "
                             "%s stays as the newest usable checkpoint", health["max_abs_weight"], self.step,
@@ -220,10 +222,10 @@ class Trainer:
             protect = [path] + ([self.last_usable_checkpoint] if self.last_usable_checkpoint else [])
             ckpt.prune_checkpoints(self.run_dir, self.cfg.checkpoint.keep, protect=protect)
         distributed.barrier()
-        self.last_checkpoint = ckpt.checkpoint_path(self.run_dir, self.step)
+        self.last_checkpoint = path
         if health["usable"]:
             self.last_usable_checkpoint = self.last_checkpoint
-        return path
+        return path if self.dist.is_main else None
 
     def _recovery_advice(self) -> str:
         usable = self.last_usable_checkpoint
@@ -236,17 +238,18 @@ class Trainer:
         """Continue from checkpoint `path` (chosen by `run_folder.open_run_folder`; `state` if already loaded)."""
         state = state if state is not None else ckpt.load_checkpoint(path)
         try:
-            if self.sharded:
+            if state.get("sharded"):  # each process reads the slices it holds (whole tensors when unsharded)
+                sharded_checkpoint.load_into(Path(path), self.method, self.optimizer, state)
+            elif self.sharded:
                 sharding.load_full_state(self.method, self.optimizer, state["method"], state["optimizer"])
             else:
                 self.method.load_state_dict(state["method"])
+                self.optimizer.load_state_dict(state["optimizer"])
         except RuntimeError as error:  # tensor shapes or names: the checkpoint was written for another model
             first = str(error).strip().splitlines()
             raise ckpt.CheckpointError(f"checkpoint {path} does not fit the model of this config ("
                                        f"{' '.join(first[:3])[:400]}); resume it with the config it was "
                                        "written with") from None
-        if not self.sharded:
-            self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         self.step = int(state["step"])
         if not restore_rng(state["rng"], self.dist.rank) or state.get("world_size") != self.dist.world_size:
@@ -268,7 +271,9 @@ class Trainer:
         except ckpt.CheckpointError as error:
             raise ConfigError(f"train.init_from={source}: {error}") from None
         try:
-            if self.sharded:
+            if state.get("sharded"):
+                result = sharded_checkpoint.load_into(path, self.method, None, state, strict=False)
+            elif self.sharded:
                 result = sharding.load_full_state(self.method, None, state["method"], None, strict=False)
             else:
                 result = self.method.load_state_dict(state["method"], strict=False)
