@@ -34,7 +34,7 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("weights", help="run folder, ssd checkpoint (.pt), ssd export (folder or .safetensors), "
+    parser.add_argument("weights", help="run folder, ssd checkpoint (.pt file or .dcp folder), ssd export (folder or .safetensors), "
                                         "or an official DINO / DINOv2 .pth")
     parser.add_argument("--which", default="teacher", metavar="{teacher,student,<student name>}",
                         help="backbone to evaluate (DINO evaluates the teacher; a multi_distill run names each "
@@ -212,9 +212,12 @@ def count_left_out(readable: torch.Tensor, split: str) -> int:
 
 
 def weights_identity(path: str | Path, which: str) -> dict:
-    """What distinguishes one weights file from another without hashing gigabytes: path, size, mtime."""
-    stat = Path(path).stat()
-    return {"file": str(Path(path).resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "which": which}
+    """What distinguishes one weights file from another without hashing gigabytes: path, size, mtime (of the
+    files of a sharded checkpoint folder: their total size, the newest mtime)."""
+    path = Path(path)
+    stats = [file.stat() for file in path.iterdir()] if path.is_dir() else [path.stat()]
+    return {"file": str(path.resolve()), "size": sum(s.st_size for s in stats),
+            "mtime_ns": max(s.st_mtime_ns for s in stats), "which": which}
 
 
 def report_header(args: argparse.Namespace, info: dict, protocol: str, datasets: dict) -> dict:

@@ -56,3 +56,21 @@ def test_stale_temporary_checkpoints_are_removed_at_start(tmp_path):
     result = run_training([*overrides, "train.max_steps=4"])
     assert not stale.exists()
     assert "was being written when its process died" in result.stderr
+
+
+def test_full_disk_during_a_sharded_two_process_save(small_disk):
+    """Both FSDP processes write their slices; one disk fills: every process stops with the message, the partial
+    folder is removed, the previous checkpoint folder stays whole, and the run resumes once there is room."""
+    overrides = tiny_overrides(small_disk, "run", "train.max_steps=9", "checkpoint.keep=3", "train.parallel=fsdp")
+    result = subprocess.run(train_command(overrides, nproc=2), cwd=REPO, env=subprocess_env(), capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode != 0, result.stderr
+    assert f"no space left to write checkpoint {small_disk / 'run' / 'checkpoint_00000006.dcp'}" in result.stderr
+    assert "Traceback (most recent call last): (RANK" not in result.stderr, result.stderr
+    leftovers = [p.name for p in (small_disk / "run").iterdir() if p.name.startswith(".")]
+    assert leftovers == [], "a partial checkpoint folder still fills the disk"
+    assert ckpt.load_checkpoint(small_disk / "run" / "checkpoint_00000003.dcp", whole=True)["step"] == 3
+
+    subprocess.run(["mount", "-o", "remount,size=64m", str(small_disk)], check=True)
+    resumed = run_training(overrides, nproc=2)
+    assert "resumed from" in resumed.stderr and "finished at step 9" in resumed.stderr

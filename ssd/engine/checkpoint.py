@@ -20,6 +20,7 @@ import shutil
 from pathlib import Path
 
 import torch
+from torch.distributed.checkpoint import CheckpointException
 
 from ssd.engine import sharded_checkpoint
 
@@ -94,11 +95,11 @@ def save_sharded(path: Path, method, optimizer, state: dict) -> Path:
     """`sharded_checkpoint.save` (every process), with save_checkpoint's errors."""
     try:
         return sharded_checkpoint.save(path, method, optimizer, state, save_checkpoint)
-    except Exception as error:
+    except (Exception, CheckpointException) as error:  # DCP's exception is a BaseException
         raise _write_error(error, path) from error
 
 
-def _write_error(error: Exception, path: Path) -> CheckpointError:
+def _write_error(error: BaseException, path: Path) -> CheckpointError:
     if _no_space(error, path.parent):
         return CheckpointError(
             f"no space left to write checkpoint {path}: free space on that disk or set output.root to a "

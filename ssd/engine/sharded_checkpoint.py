@@ -18,6 +18,7 @@ Like a single file, the folder appears under its final name only once complete: 
 
 from __future__ import annotations
 
+import errno
 import os
 import pickle
 import shutil
@@ -123,12 +124,25 @@ def save(folder: Path, method: nn.Module, optimizer: torch.optim.Optimizer, stat
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
             dcp.save(tensors, storage_writer=FileSystemWriter(temporary, sync_files=True, thread_count=1),
                      no_dist=not distributed.is_distributed())
-        if is_writer:
-            _publish(temporary, folder)
-    except BaseException:
+    except BaseException as error:  # DCP's CheckpointException is one: raised on every process
+        # Judged before the partial folder is removed: DCP hands over each process's exception pickled, which
+        # drops the OSError(ENOSPC) that torch.save's zip writer keeps only as the context of its RuntimeError.
+        full = _disk_full(folder.parent)
         if is_writer:
             shutil.rmtree(temporary, ignore_errors=True)
+        try:
+            distributed.barrier()  # no process exits (and has the others stopped) before the partial folder is gone
+        except Exception:
+            pass
+        if full:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(folder)) from error
         raise
+    if is_writer:
+        try:
+            _publish(temporary, folder)
+        except BaseException:
+            shutil.rmtree(temporary, ignore_errors=True)
+            raise
     return folder
 
 
@@ -141,6 +155,13 @@ def _raise_everywhere(failure: Exception | None) -> None:
         raise failure
     if message[0] is not None:
         raise RuntimeError(f"process 0 could not write the checkpoint's state ({message[0]})")
+
+
+def _disk_full(folder: Path) -> bool:
+    try:
+        return shutil.disk_usage(folder).free < 1024 * 1024
+    except OSError:
+        return False
 
 
 def _publish(temporary: Path, folder: Path) -> None:
