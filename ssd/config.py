@@ -508,10 +508,6 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError("train.overwrite=true deletes the run folder's checkpoints: it needs train.resume=false "
                           "too, to say that starting over is meant")
     _check_patch_multiples(cfg)
-    if cfg.log.images_every_steps and cfg.train.parallel == "fsdp":
-        raise ConfigError(f"log.images_every_steps={cfg.log.images_every_steps} draws the network on one process, "
-                          "which train.parallel=fsdp does not support yet: set log.images_every_steps=0, or "
-                          "train.parallel=ddp")
     if cfg.log.images_every_steps and not cfg.log.tensorboard:
         raise ConfigError(f"log.images_every_steps={cfg.log.images_every_steps} draws images into TensorBoard, which "
                           "log.tensorboard=false turns off: set log.tensorboard=true or log.images_every_steps=0")

@@ -218,7 +218,6 @@ class TrainingImages:
     def __init__(self, cfg, dataset):
         from ssd.data import UnreadableImageError, eval_transform
 
-        self.every = int(cfg.log.images_every_steps)
         self.mean, self.std = tuple(cfg.data.mean), tuple(cfg.data.std)
         transform = eval_transform(cfg.eval.resize_size, cfg.eval.crop_size, self.mean, self.std)
         count = min(int(cfg.log.images_count), len(dataset))
@@ -232,10 +231,9 @@ class TrainingImages:
             self.names.append(dataset.describe(index))
         self.images = torch.stack(images) if images else None
 
-    def due(self, step: int, last: bool) -> bool:
-        return self.images is not None and (step % self.every == 0 or last)
-
     def log(self, writer, backbone, step: int) -> None:
+        if self.images is None:  # none of the chosen images was readable
+            return
         log_to_tensorboard(writer, backbone, self.images, step, self.mean, self.std, self.names,
                            title=f"step {step}")
 

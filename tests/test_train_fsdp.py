@@ -122,13 +122,27 @@ def test_bf16_parameters_keep_fp32_master_weights(tmp_path):
     assert losses[1] == pytest.approx(losses[0], rel=0.05) and losses[1] != losses[0]
 
 
-def test_fsdp_refuses_what_it_cannot_do_yet():
+def test_an_unknown_parallel_mode_is_refused():
     from ssd.config import ConfigError, load_config
 
-    with pytest.raises(ConfigError, match="log.images_every_steps=0, or train.parallel=ddp"):
-        load_config("dino_digits_demo", [*FSDP, "log.images_every_steps=10"])
     with pytest.raises(ConfigError, match="train.parallel"):
         load_config("dino_digits_demo", ["train.parallel=zero3"])
+
+
+@pytest.mark.slow
+def test_fsdp_run_draws_training_images_from_the_gathered_teacher(tmp_path):
+    """log.images_every_steps with sharded weights: every process gathers the teacher, process 0 draws it; the
+    training is the same as without images, bit for bit."""
+    from tests.test_visualize import tensorboard_images
+
+    common = (*SAME, *FSDP, "log.tensorboard=true", "eval.resize_size=32", "eval.crop_size=32")
+    run_training(tiny_overrides(tmp_path, "plain", *common), nproc=2)
+    run_training(tiny_overrides(tmp_path, "images", *common, "log.images_every_steps=4", "log.images_count=2"),
+                 nproc=2)
+    assert_bitwise_equal(final_weights(tmp_path / "images"), final_weights(tmp_path / "plain"))
+    drawn = tensorboard_images(tmp_path / "images" / "tb")
+    assert {tag: [step for step, _, _ in images] for tag, images in drawn.items()} == {
+        "visual/cls_attention": [4, 6], "visual/patch_pca": [4, 6]}  # every 4 steps, and the last
 
 
 @pytest.mark.slow

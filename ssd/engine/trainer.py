@@ -404,9 +404,12 @@ class Trainer:
                     self._log(writer, schedule, mean_loss, grad_norm, images_per_second, outputs)
                     window_start, window_steps = time.perf_counter(), 0
                 bar.update(1, loss=mean_loss, images_per_s=images_per_second)
-                if self.images is not None and self.images.due(self.step, last=self.step == total_steps):
+                every = cfg.log.images_every_steps
+                if every and (self.step % every == 0 or self.step == total_steps):
                     drawing_started = time.perf_counter()
-                    self.images.log(writer.board, self.method.eval_backbone(), self.step)  # not with fsdp (config)
+                    backbone = self.evaluated_backbone()  # gathered by every process when sharded
+                    if self.images is not None:  # drawn by rank 0 alone
+                        self.images.log(writer.board, backbone, self.step)
                     window_start += time.perf_counter() - drawing_started  # images/s counts training time only
 
                 if save_now or stop:
