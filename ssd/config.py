@@ -561,6 +561,12 @@ def student_specs(cfg: DictConfig) -> list[dict]:
             raise ConfigError(f"distill.students lists the students of method.name=multi_distill; "
                               f"method.name={cfg.method.name} trains model.* alone: set distill.students=[]")
         return []
+    if cfg.distill.placement == "split" and cfg.train.parallel == "fsdp":
+        # FSDP shards every student over all processes, and each shard's all-gather needs every process to run
+        # that student: split runs each student on its own block of processes only.
+        raise ConfigError("distill.placement=split runs each student on its own processes, but train.parallel=fsdp "
+                          "shards every student over all of them: use distill.placement=shared (each student "
+                          "sharded over all processes) or train.parallel=ddp")
     if not entries:
         raise ConfigError("method.name=multi_distill needs distill.students, e.g. distill.students='[{name: small}, "
                           "{name: conv, arch: convnext_atto}]' (each entry: a name, model.* keys that differ, an "

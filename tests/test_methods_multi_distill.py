@@ -237,17 +237,19 @@ def test_multi_distill_resumes_bitwise_after_sigkill(tmp_path, teacher_run):
 
 
 @pytest.mark.slow
-def test_two_processes_train_the_students_as_one_does(tmp_path, teacher_run):
-    """Sinkhorn-Knopp sees the global batch, DDP averages each student's gradients: the same global batch on 1 and
-    2 gloo processes gives the same students and averages. As in test_methods_masked: no drop path, no qkv bias
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_processes_train_the_students_as_one_does(tmp_path, teacher_run, parallel):
+    """Sinkhorn-Knopp sees the global batch, DDP averages each student's gradients (FSDP shards each student's
+    blocks and reduces them): the same global batch on 1 and 2 gloo processes gives the same students and averages. As in test_methods_masked: no drop path, no qkv bias
     (a key bias gets a zero gradient up to rounding, which Adam turns into lr-sized steps) and no KoLeo (checked
     in float64 across processes by tests/test_distributed_gather.py)."""
     vit = VIT.replace("depth: 2,", "depth: 2, qkv_bias: false,")
     same = (*multi_overrides(teacher_run, vit, CONVNEXT), "method.koleo_weight=0", "model.drop_path_rate=0.0",
             "train.max_steps=3")
     run_training(tiny_overrides(tmp_path, "one", *same))
-    result = run_training(tiny_overrides(tmp_path, "two", *same), nproc=2)
+    result = run_training(tiny_overrides(tmp_path, "two", *same, f"train.parallel={parallel}"), nproc=2)
     assert "on 2 process(es)" in result.stderr
+    assert ("FSDP2 units over 2 processes" in result.stderr) == (parallel == "fsdp")
     one, two = final_weights(tmp_path / "one"), final_weights(tmp_path / "two")
     assert one.keys() == two.keys() and any(key.startswith("averages.convnext.") for key in one)
     for name in one:
@@ -282,6 +284,8 @@ def test_split_placement_needs_a_multiple_of_the_students_in_processes(teacher_r
                                                       "distill.placement=split"]))
     with pytest.raises(ConfigError, match="distill.placement=shared"):
         load_config("dino_digits_demo", ["distill.placement=split"])
+    with pytest.raises(ConfigError, match="use distill.placement=shared .* or train.parallel=ddp"):
+        load_config("multi_distill_digits_demo", ["distill.placement=split", "train.parallel=fsdp"])
 
 
 def test_every_student_exports_to_timm_and_evaluates_by_name(tmp_path, teacher_run):

@@ -109,6 +109,18 @@ def test_fsdp_run_evaluates_and_exports_the_gathered_network(tmp_path):
 
 
 @pytest.mark.slow
+def test_fsdp_with_compiled_blocks_trains_as_eager(tmp_path):
+    """train.compile=true compiles each block before fully_shard wraps it: the same training as eager FSDP."""
+    run_training(tiny_overrides(tmp_path, "eager", *SAME, *FSDP), nproc=2)
+    result = run_training(tiny_overrides(tmp_path, "compiled", *SAME, *FSDP, "train.compile=true"), nproc=2,
+                          timeout=600)
+    assert "4 transformer blocks compiled one by one" in result.stderr and "5 FSDP2 units" in result.stderr
+    eager, compiled = final_weights(tmp_path / "eager"), final_weights(tmp_path / "compiled")
+    for name in eager:
+        torch.testing.assert_close(compiled[name], eager[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.slow
 def test_bf16_parameters_keep_fp32_master_weights(tmp_path):
     """train.fsdp_bf16_params: blocks compute with bf16 copies of the weights, gradients are reduced in fp32 and
     the sharded weights, optimizer state and checkpoint stay fp32; the losses follow the fp32 run closely."""
