@@ -12,8 +12,10 @@ Tensors are stored under flat keys, "method/<state-dict key>" and "optimizer/<pa
 into a sharded (FSDP2) run at any number of processes, each process reading only the slices it keeps; into an
 unsharded run, every process reading whole tensors; and whole into one process for export and evaluation.
 
-Like a single file, the folder appears under its final name only once complete: the processes write into
-`.checkpoint_<step>.dcp.tmp-partial/`, process 0 adds state.pt, syncs, and renames it.
+Like a single file, the folder appears under its final name only once complete: process 0 writes state.pt into
+`.checkpoint_<step>.dcp.tmp-partial/`, every process its slices, then process 0 syncs and renames the folder. All
+processes write into one folder, so on several nodes the run folder must be on a shared file system (as a resumed
+SLURM job needs anyway). DCP's index is a pickle: it is read with an unpickler that accepts only its own classes.
 """
 
 from __future__ import annotations

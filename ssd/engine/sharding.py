@@ -10,8 +10,10 @@ a training step goes through this module:
     EMA update           `foreach` ops on the local shards (teacher and student are sharded alike)
     gradient clipping    norms of sharded gradients reduced across processes (`ssd.engine.optim`)
     weights health       the largest weight over all processes
-    checkpoints          whole tensors gathered to CPU on the writing process: the same single file as DDP's,
-                         so a run resumes with DDP or FSDP at any number of processes, and exports as before
+    checkpoints          by default each process writes its own slices (`ssd.engine.sharded_checkpoint`,
+                         nothing gathered); with checkpoint.format=file, whole tensors gathered to CPU on the
+                         writing process, the same single file as DDP's (`full_state`, `load_full_state`).
+                         Either resumes with DDP or FSDP at any number of processes, and exports as before
     evaluation           a plain copy of the evaluated backbone, gathered by every process (`plain_copy`)
 
 `train.fsdp_bf16_params=true` keeps the sharded fp32 master weights but gathers them as bf16 for compute and
