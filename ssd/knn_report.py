@@ -120,15 +120,16 @@ def knn_report(cfg, networks: dict, run_dir: Path, device: torch.device) -> dict
 
 
 class PeriodicKnn:
-    """eval.knn_every_epochs > 0: the teacher's k-NN at the end of every N-th epoch (no baselines: they do not
+    """eval.knn_every_epochs > 0: the evaluated network's k-NN at the end of every N-th epoch (no baselines: they do not
     change during training), on at most eval.knn_limit images per split.
 
     Every process extracts a shard of the features and the main process searches, so all processes must call
     it together. The RNG states are put back afterwards: a data loader draws a seed from the global generator,
     and drop-path masks drawn after it would otherwise differ from a run without this k-NN (or a resumed one)."""
 
-    def __init__(self, cfg, steps_per_epoch: int, device: torch.device, is_main: bool):
+    def __init__(self, cfg, steps_per_epoch: int, device: torch.device, is_main: bool, which: str = "teacher"):
         self.cfg, self.device, self.is_main = cfg, device, is_main
+        self.which = which  # the network evaluated: the EMA teacher, or the student of a fixed teacher
         self.steps_per_epoch = steps_per_epoch
         self.every_steps = cfg.eval.knn_every_epochs * steps_per_epoch
         self.data = None  # built at the first evaluation: a run without one pays nothing
@@ -151,8 +152,8 @@ class PeriodicKnn:
         sizes = {part: len(self.data[part]) - skipped[part] for part in ("train", "test")}
         epoch = step // self.steps_per_epoch
         limit = f", eval.knn_limit={self.cfg.eval.knn_limit}" if self.cfg.eval.knn_limit else ""
-        log.info("k-NN of the teacher after epoch %d (step %d) on %d held-out images against %d training images%s: "
-                 "top-1 %s (%.1f s)", epoch, step, sizes["test"], sizes["train"], limit,
+        log.info("k-NN of the %s after epoch %d (step %d) on %d held-out images against %d training images%s: "
+                 "top-1 %s (%.1f s)", self.which, epoch, step, sizes["test"], sizes["train"], limit,
                  "  ".join(f"{k} {v['top1']:.1f}%" for k, v in results.items()), sum(seconds.values()))
         values = {"epoch": epoch, "knn_train_images": sizes["train"], "knn_test_images": sizes["test"],
                   "knn_seconds": round(sum(seconds.values()), 3)}

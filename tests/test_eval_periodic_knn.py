@@ -65,3 +65,12 @@ def test_negative_values_are_refused(key):
 def test_crop_size_must_fit_the_patches_when_periodic_knn_is_on():
     with pytest.raises(ConfigError, match="eval.crop_size"):
         load_config(None, ["model.patch_size=16", "eval.crop_size=40", "eval.knn_every_epochs=1"])
+
+
+def test_a_run_with_a_fixed_teacher_says_it_evaluates_the_student(tmp_path):
+    """A random (or frozen) teacher never changes: the network evaluated, and named, is the student."""
+    overrides = tiny.tiny_overrides(tmp_path, "random", "train.max_steps=4", "teacher.kind=random", *PERIODIC[1:],
+                                    "eval.knn_every_epochs=1")
+    result = tiny.run_training(overrides)
+    assert "k-NN of the student after epoch 1 (step 4)" in result.stderr
+    assert "k-NN of the teacher" not in result.stderr

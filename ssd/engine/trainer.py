@@ -374,11 +374,12 @@ class Trainer:
         # A bar only on a terminal; in a log file (SLURM, nohup) one plain line per log step instead.
         self.show_bar = self.dist.is_main and cfg.log.progress_bar and sys.stderr.isatty()
         bar = ProgressBar(self.show_bar, total_steps, self.step)
-        periodic_knn = None  # eval.knn_every_epochs: the teacher's k-NN at epoch ends (ssd.knn_report)
+        periodic_knn = None  # eval.knn_every_epochs: the evaluated network's k-NN at epoch ends (ssd.knn_report)
         if cfg.eval.knn_every_epochs:
             from ssd.knn_report import PeriodicKnn
 
-            periodic_knn = PeriodicKnn(cfg, self.steps_per_epoch, self.device, self.dist.is_main)
+            which = next(iter(evaluated_networks(self.method, cfg)))  # "teacher", "student" or a student's name
+            periodic_knn = PeriodicKnn(cfg, self.steps_per_epoch, self.device, self.dist.is_main, which)
         handlers = signals.install_handlers()
         status = "finished"
         started, first_step, mean_loss = time.perf_counter(), self.step, float("nan")
