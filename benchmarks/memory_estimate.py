@@ -21,8 +21,8 @@ SETTINGS = [
     ("dino_digits_demo", ["train.batch_size=64"]),
     ("dino_cifar10_vit_small", ["train.batch_size=32"]),
     ("dino_cifar10_vit_small", ["train.batch_size=64"]),
-    ("dino_cifar10_resnet18_cpu", ["train.batch_size=64"]),
-    ("dino_cifar10_resnet18_cpu", ["train.batch_size=256"]),
+    ("dino_cifar10_resnet10t_cpu", ["train.batch_size=64"]),
+    ("dino_cifar10_resnet10t_cpu", ["train.batch_size=256"]),
     ("ibot_digits_demo", ["train.batch_size=64"]),
 ]
 
