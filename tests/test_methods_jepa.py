@@ -165,11 +165,11 @@ def test_export_of_an_ijepa_run_pools_patch_tokens_in_timm(tmp_path):
         torch.testing.assert_close(model(images), tokens.mean(dim=1))  # average of the 64 patch tokens
 
 
-def recipe_knn(tmp_path, recipe: str, *overrides: str, run_name: str = "demo") -> dict:
+def recipe_knn(tmp_path, recipe: str, *overrides: str, run_name: str = "demo", timeout: float = 3600) -> dict:
     """k-NN results (k=20) of a recipe run from the command line, as a user runs it."""
     result = subprocess.run([sys.executable, "-m", "ssd.train", "--config", recipe, f"output.root={tmp_path}",
                              f"output.run_name={run_name}", "log.progress_bar=false", *overrides],
-                            cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=3600)
+                            cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads((tmp_path / run_name / "knn.json").read_text())["results"]
     return {name: values["k=20"]["top1"] for name, values in results.items()}
