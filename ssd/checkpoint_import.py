@@ -27,7 +27,7 @@ from timm.models.eva import Eva
 from timm.models.eva import checkpoint_filter_fn as eva_checkpoint_filter_fn
 from timm.models.vision_transformer import VisionTransformer
 
-from ssd.engine.sharded_checkpoint import is_sharded_checkpoint
+from ssd.engine.sharded_checkpoint import is_sharded_checkpoint, load_whole
 from ssd.file_kinds import PICKLE, SAFETENSORS, TORCH_ZIP, describe_file
 
 EXPORT_WEIGHTS = "model.safetensors"
@@ -65,7 +65,7 @@ def read_weights_file(path: str | Path) -> dict:
         from ssd.engine.checkpoint import CheckpointError, load_checkpoint
 
         try:
-            return load_checkpoint(path, whole=True)
+            return {**load_checkpoint(path), "method": load_whole(path)}  # the optimizer's moments are not needed
         except (CheckpointError, RuntimeError, OSError) as error:
             raise WeightsError(f"cannot read sharded checkpoint {path}: {error}") from error
     # Sniffed first: torch's unpickler rejects an image or a YAML file with the words it uses for a pickle

@@ -23,6 +23,7 @@ import torch
 from torch.distributed.checkpoint import CheckpointException
 
 from ssd.engine import sharded_checkpoint
+from ssd.files import fsync_path, nearly_full
 
 FORMAT = "ssd.checkpoint"
 VERSION = 1
@@ -66,10 +67,7 @@ def _no_space(error: BaseException, folder: Path) -> bool:
         if any(isinstance(f, BaseException) and _no_space(f, folder) for f in failures):
             return True
         seen = seen.__cause__ or seen.__context__
-    try:
-        return shutil.disk_usage(folder).free < 1024 * 1024
-    except OSError:
-        return False
+    return nearly_full(folder)
 
 
 def save_checkpoint(path: str | Path, state: dict) -> Path:
@@ -87,7 +85,7 @@ def save_checkpoint(path: str | Path, state: dict) -> Path:
         if not isinstance(error, Exception):
             raise
         raise _write_error(error, path) from error
-    _fsync_directory(path.parent)
+    fsync_path(path.parent)
     return path
 
 
@@ -158,19 +156,6 @@ def resume_command(run_dir: Path, path: Path, cfg) -> str:
     lower_lr = float(cfg.optim.base_lr) / 2
     return (f"python -m ssd.train --config {Path(run_dir) / 'config.yaml'} train.resume_from={path} "
             f"optim.base_lr={lower_lr:g} train.allow_changes=true  (or another fix: longer warmup, fp32)")
-
-
-def _fsync_directory(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", whole: bool = False) -> dict:

@@ -20,6 +20,7 @@ SLURM job needs anyway). DCP's index is a pickle: it is read with an unpickler t
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import pickle
@@ -35,6 +36,7 @@ from torch.distributed.checkpoint.filesystem import FileSystemReader, FileSystem
 from torch.nn.modules.module import _IncompatibleKeys
 
 from ssd.engine import distributed
+from ssd.files import fsync_path, nearly_full
 
 SUFFIX = ".dcp"
 STATE_FILE = "state.pt"
@@ -122,14 +124,13 @@ def save(folder: Path, method: nn.Module, optimizer: torch.optim.Optimizer, stat
             failure = error
     try:
         _raise_everywhere(failure)
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        with _without_collectives_warning():
             dcp.save(tensors, storage_writer=FileSystemWriter(temporary, sync_files=True, thread_count=1),
                      no_dist=not distributed.is_distributed())
     except BaseException as error:  # DCP's CheckpointException is one: raised on every process
         # Judged before the partial folder is removed: DCP hands over each process's exception pickled, which
         # drops the OSError(ENOSPC) that torch.save's zip writer keeps only as the context of its RuntimeError.
-        full = _disk_full(folder.parent)
+        full = nearly_full(folder.parent)
         if is_writer:
             shutil.rmtree(temporary, ignore_errors=True)
         try:
@@ -159,59 +160,52 @@ def _raise_everywhere(failure: Exception | None) -> None:
         raise RuntimeError(f"process 0 could not write the checkpoint's state ({message[0]})")
 
 
-def _disk_full(folder: Path) -> bool:
-    try:
-        return shutil.disk_usage(folder).free < 1024 * 1024
-    except OSError:
-        return False
-
-
 def _publish(temporary: Path, folder: Path) -> None:
     for path in temporary.iterdir():
-        _fsync(path, os.O_RDONLY)
-    _fsync(temporary, os.O_RDONLY)
+        fsync_path(path)
+    fsync_path(temporary)
     replaced = folder.with_name(f".{folder.name}.tmp-replaced")
     if folder.exists():  # a second save at the same step (a resumed run stopped at once): the new one wins
         shutil.rmtree(replaced, ignore_errors=True)
         folder.rename(replaced)
     os.replace(temporary, folder)
     shutil.rmtree(replaced, ignore_errors=True)
-    _fsync(folder.parent, os.O_RDONLY)
+    fsync_path(folder.parent)
 
 
-def _fsync(path: Path, flags: int) -> None:
-    try:
-        fd = os.open(path, flags)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+@contextlib.contextmanager
+def _without_collectives_warning():
+    """DCP warns that no_dist means a single process; here it means no collectives, which is intended."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
 
 
 def _load(folder: Path, targets: dict) -> None:
     """Fill `targets` (flat key -> tensor or DTensor) from `folder`; each process reads only the slices its
     tensors cover, without collectives."""
     if targets:
-        with warnings.catch_warnings():  # DCP warns that no_dist means one process: here it means no collectives
-            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        with _without_collectives_warning():
             dcp.load(targets, storage_reader=_SafeReader(folder), no_dist=True)
 
 
+def _under(tensors: dict, prefix: str) -> dict:
+    """The entries whose keys start with `prefix`, the prefix removed."""
+    return {key[len(prefix):]: value for key, value in tensors.items() if key.startswith(prefix)}
+
+
 def load_whole(folder: Path, prefix: str = METHOD) -> dict[str, torch.Tensor]:
-    """Whole CPU tensors stored under `prefix` (the method's state dict by default), for one process."""
+    """Whole CPU tensors stored under `prefix` (the method's state dict by default; "" for all), for one process."""
     targets = {key: torch.empty(tuple(entry.size), dtype=entry.properties.dtype)
                for key, entry in read_index(folder).items() if key.startswith(prefix)}
     _load(folder, targets)
-    return {key[len(prefix):]: value for key, value in targets.items()}
+    return _under(targets, prefix)
 
 
 def load_whole_state(folder: Path, state: dict) -> dict:
     """{"method", "optimizer"} with whole CPU tensors, laid out as a single-file checkpoint holds them."""
-    return {"method": load_whole(folder), "optimizer": _optimizer_state(load_whole(folder, OPTIMIZER), state)}
+    tensors = load_whole(folder, "")
+    return {"method": _under(tensors, METHOD), "optimizer": _optimizer_state(_under(tensors, OPTIMIZER), state)}
 
 
 def _optimizer_state(tensors: dict, state: dict) -> dict:
@@ -253,9 +247,7 @@ def load_into(folder: Path, method: nn.Module, optimizer: torch.optim.Optimizer 
                             if like is not None and tuple(like.shape) == tuple(entry.size)
                             else torch.empty(tuple(entry.size), dtype=entry.properties.dtype))
     _load(folder, targets)
-    method.load_state_dict({key[len(METHOD):]: value for key, value in targets.items() if key.startswith(METHOD)},
-                           strict=False)
+    method.load_state_dict(_under(targets, METHOD), strict=False)
     if optimizer is not None:
-        optimizer.load_state_dict(_optimizer_state({key[len(OPTIMIZER):]: value for key, value in targets.items()
-                                                    if key.startswith(OPTIMIZER)}, state))
+        optimizer.load_state_dict(_optimizer_state(_under(targets, OPTIMIZER), state))
     return keys
