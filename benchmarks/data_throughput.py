@@ -13,6 +13,11 @@ official code through torchvision's ImageFolder loader (open, convert("RGB")) an
 of it is copied here). The pipelines alternate round by round, so a load change on a shared machine hits both; the
 table gives the median round of each.
 
+ssd is timed twice: with the colour steps in the worker (crops.photometric_on=loader, DINO's way) and with them
+left to the training device (crops.photometric_on=device, the default on a GPU): the worker then crops, draws the
+colour parameters and sends uint8 pixels. What that moves to the device is timed too, on this CPU thread, per image
+in batches of the round's images (`apply_photometric`; on a GPU it runs there, batched).
+
 Without --images, a folder of seeded synthetic JPEGs is made: ImageNet-like sizes (mostly 500 x 375 / 375 x 500 /
 500 x 333) holding smooth random scenes with 1/f-like detail at every scale, saved at quality 90 as ImageNet's are;
 --size 2048x1536 makes camera-sized photos instead, where decoding costs more than the crops.
@@ -39,7 +44,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 from knn_throughput import cpu_name  # noqa: E402  (benchmarks/ is on sys.path when this file runs)
 
 from ssd.data import MultiCropAugmentation, SeededCropsDataset, find_images  # noqa: E402
+from ssd.data.deferred_photometric import apply_photometric  # noqa: E402
 from ssd.data.folders import UNLABELED, FileListDataset  # noqa: E402
+from ssd.data.seeded import collate_crops  # noqa: E402
 
 IMAGENET_LIKE_SIZES = ((500, 375), (375, 500), (500, 333), (500, 400), (640, 480), (333, 500))
 
@@ -83,14 +90,36 @@ def official_loader(path: str) -> Image.Image:
         return Image.open(file).convert("RGB")
 
 
-def ssd_pipeline(paths: list[str]):
-    """What a training run's DataLoader worker does per image: the folder data set's loader and the seeded
+def ssd_samples(paths: list[str], photometric_on: str) -> SeededCropsDataset:
+    """What a training run's DataLoader worker runs per image: the folder data set's loader and the seeded
     multi-crop."""
-    samples = SeededCropsDataset(FileListDataset(paths, [UNLABELED] * len(paths), []), MultiCropAugmentation())
+    dataset = FileListDataset(paths, [UNLABELED] * len(paths), [])
+    return SeededCropsDataset(dataset, MultiCropAugmentation(photometric_on=photometric_on))
+
+
+def ssd_pipeline(paths: list[str], photometric_on: str = "loader"):
+    samples = ssd_samples(paths, photometric_on)
 
     def run(index: int, path: str) -> list[torch.Tensor]:
         return samples[(0, index)]["crops"]
     return run
+
+
+def device_part_ms(paths: list[str], rounds: int) -> float:
+    """ms per image of the colour steps left to the device, run here (one thread), on batches of all `paths`."""
+    samples = ssd_samples(paths, "device")
+    batch = collate_crops([samples[(0, index)] for index in range(len(paths))])
+    apply_photometric(batch["crops"], batch["photometric"])  # warm-up
+    times = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        apply_photometric(batch["crops"], batch["photometric"])
+        times.append(time.perf_counter() - start)
+    return 1000 * statistics.median(times) / len(paths)
+
+
+def crop_bytes(crops: list[torch.Tensor]) -> int:
+    return sum(crop.numel() * crop.element_size() for crop in crops)
 
 
 def official_pipeline(augmentation):
@@ -135,7 +164,8 @@ def main(argv: list[str] | None = None) -> None:
             source = (f"{args.count} synthetic JPEGs (seed {args.seed}, quality 90, "
                       f"{args.size or 'ImageNet-like sizes'})")
         paths = paths[: args.limit]
-        pipelines = {"ssd MultiCropAugmentation": ssd_pipeline(paths)}
+        pipelines = {"ssd, colour steps in the worker": ssd_pipeline(paths),
+                     "ssd, colour steps on the device (worker part)": ssd_pipeline(paths, "device")}
         if args.official:
             pipelines["official DataAugmentationDINO"] = official_pipeline(official_augmentation(args.official))
         mean_pixels = statistics.mean(w * h for w, h in (Image.open(p).size for p in paths))
@@ -157,15 +187,22 @@ def main(argv: list[str] | None = None) -> None:
             names = list(pipelines) if round_index % 2 == 0 else list(reversed(pipelines))
             for name in names:
                 rates[name].append(images_per_second(pipelines[name], paths))
+        device_ms = device_part_ms(paths, args.rounds)
+        sizes = {name: crop_bytes(pipeline(0, paths[0])) for name, pipeline in pipelines.items()}
 
-    print("\n| pipeline | images/s per worker (median) | min - max over rounds | ms / image |")
-    print("|---|---|---|---|")
+    print("\n| pipeline | images/s per worker (median) | min - max over rounds | ms / image | bytes / image sent |")
+    print("|---|---|---|---|---|")
     for name, values in rates.items():
         median = statistics.median(values)
-        print(f"| {name} | {median:.1f} | {min(values):.1f} - {max(values):.1f} | {1000 / median:.1f} |")
+        print(f"| {name} | {median:.1f} | {min(values):.1f} - {max(values):.1f} | {1000 / median:.1f} | "
+              f"{sizes[name] / 1e6:.2f} MB |")
+    print(f"\ncolour steps moved to the device, run here on one CPU thread in batches of {len(paths)} images: "
+          f"{device_ms:.1f} ms / image")
     if args.official:
-        ssd, official = (statistics.median(values) for values in rates.values())
-        print(f"\nssd / official: {ssd / official:.2f}x images/s per worker")
+        official = statistics.median(rates["official DataAugmentationDINO"])
+        for name, values in rates.items():
+            if not name.startswith("official"):
+                print(f"{name} / official: {statistics.median(values) / official:.2f}x images/s per worker")
 
 
 if __name__ == "__main__":

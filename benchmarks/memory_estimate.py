@@ -49,7 +49,7 @@ method = build_method(cfg)
 before = status("VmRSS")
 with open("/proc/self/clear_refs", "w") as refs:
     refs.write("5")  # reset VmHWM (the peak) to the current RSS
-trainer = Trainer(cfg, method, dataset, build_transform(cfg), info, Path(tempfile.mkdtemp()))
+trainer = Trainer(cfg, method, dataset, build_transform(cfg, info.device.type), info, Path(tempfile.mkdtemp()))
 estimate = trainer.memory_estimate
 batches = trainer._batches()
 for step in range(steps):

@@ -202,6 +202,11 @@ class CropsConfig:
     blur_probabilities: list[float] = field(default_factory=lambda: [1.0, 0.1, 0.5])  # global 1, global 2, local
     solarize_probability: float = 0.2  # global crop 2 only
     rotation_degrees: float = 0.0  # each crop turned by a random angle within +-this (0: none, as in DINO)
+    # Where the colour steps (jitter, grayscale, blur, solarize) and normalisation run. loader: in the DataLoader
+    # workers on 8-bit PIL images, DINO's way. device: the workers only crop and send uint8 pixels plus the drawn
+    # parameters, the training device applies the steps in float (same draws; within ~1 grey level per crop;
+    # ssd/data/deferred_photometric.py): about twice the images per worker core. auto: device on a GPU.
+    photometric_on: str = "auto"
 
 
 @dataclass
@@ -333,6 +338,7 @@ CHOICES = {
     "train.device": ("auto", "cpu", "cuda"),
     "train.parallel": ("ddp", "fsdp"),
     "checkpoint.format": ("auto", "file", "sharded"),
+    "crops.photometric_on": ("auto", "loader", "device"),
 }
 
 

@@ -50,8 +50,12 @@ def resolve_run_dir(cfg, dist_info) -> Path:
     return Path(cfg.output.root) / cfg.output.run_name
 
 
-def build_transform(cfg) -> MultiCropAugmentation:
+def build_transform(cfg, device_type: str = "cpu") -> MultiCropAugmentation:
+    """The multi-crop of cfg.crops; crops.photometric_on=auto leaves the colour steps to the device on a GPU."""
     crops = cfg.crops
+    photometric_on = crops.photometric_on
+    if photometric_on == "auto":
+        photometric_on = "device" if device_type == "cuda" else "loader"
     return MultiCropAugmentation(
         global_size=crops.global_size,
         global_scale=tuple(crops.global_scale),
@@ -68,6 +72,7 @@ def build_transform(cfg) -> MultiCropAugmentation:
         solarize_probability=crops.solarize_probability,
         rotation_degrees=crops.rotation_degrees,
         global_number=crops.global_number,
+        photometric_on=photometric_on,
     )
 
 
@@ -126,7 +131,7 @@ def run(cfg) -> dict:
     try:
         if dist_info.is_main:
             log.info("run folder: %s", run_dir.resolve())
-        trainer = Trainer(cfg, method, dataset, build_transform(cfg), dist_info, run_dir)
+        trainer = Trainer(cfg, method, dataset, build_transform(cfg, dist_info.device.type), dist_info, run_dir)
         if plan.path is not None:
             trainer.resume(plan.path, plan.state)
             plan.state = None  # the loaded checkpoint can be a large share of host memory

@@ -108,3 +108,28 @@ def tiny_image_folder(tmp_path: Path) -> Path:
             image = Image.fromarray(_pattern(colour, period=2 + number, checks=checks))
             image.save(root / class_name / f"{number:02d}.{extension}")
     return root
+
+
+def natural_scene(rng: np.random.Generator, height: int, width: int) -> Image.Image:
+    """Random phases under a 1/f amplitude spectrum, the spectrum of natural photos: detail at every scale, so
+    how much a crop is blurred shows in its gradients."""
+    frequency_y, frequency_x = np.meshgrid(np.fft.fftfreq(height), np.fft.rfftfreq(width), indexing="ij")
+    amplitude = 1.0 / np.maximum(np.hypot(frequency_y, frequency_x), 1.0 / max(height, width))
+    channels = [np.fft.irfft2(amplitude * np.exp(2j * np.pi * rng.random(amplitude.shape)), s=(height, width))
+                for _ in range(3)]
+    scene = np.stack(channels, axis=-1)
+    scene = (scene - scene.mean()) / scene.std() * 50 + rng.uniform(90, 160)
+    return Image.fromarray(np.uint8(np.clip(scene, 0, 255)))
+
+
+@pytest.fixture(scope="module")
+def jpeg_folder(tmp_path_factory):
+    """24 JPEG natural scenes (240 x 320 / 320 x 240, quality 90) as an UnlabeledFolderDataset."""
+    from ssd.data.folders import UnlabeledFolderDataset
+
+    folder = tmp_path_factory.mktemp("scenes")
+    rng = np.random.default_rng(0)
+    for index in range(24):
+        height, width = (240, 320) if index % 2 else (320, 240)
+        natural_scene(rng, height, width).save(folder / f"{index:03d}.jpg", quality=90)
+    return UnlabeledFolderDataset(folder)

@@ -18,7 +18,6 @@ from torchvision.transforms import v2
 
 from ssd.data import IMAGENET_MEAN, IMAGENET_STD, MultiCropAugmentation, SeededCropsDataset, blur_kernel_size
 from ssd.data.crop_steps import PILGaussianBlur
-from ssd.data.folders import UnlabeledFolderDataset
 
 BICUBIC = v2.InterpolationMode.BICUBIC
 
@@ -51,28 +50,6 @@ class V2MultiCrop:
 
     def __call__(self, image: Image.Image) -> list[torch.Tensor]:
         return [view(image) for view in self.views]
-
-
-def natural_scene(rng: np.random.Generator, height: int, width: int) -> Image.Image:
-    """Random phases under a 1/f amplitude spectrum, the spectrum of natural photos: detail at every scale, so
-    how much a crop is blurred shows in its gradients."""
-    frequency_y, frequency_x = np.meshgrid(np.fft.fftfreq(height), np.fft.rfftfreq(width), indexing="ij")
-    amplitude = 1.0 / np.maximum(np.hypot(frequency_y, frequency_x), 1.0 / max(height, width))
-    channels = [np.fft.irfft2(amplitude * np.exp(2j * np.pi * rng.random(amplitude.shape)), s=(height, width))
-                for _ in range(3)]
-    scene = np.stack(channels, axis=-1)
-    scene = (scene - scene.mean()) / scene.std() * 50 + rng.uniform(90, 160)
-    return Image.fromarray(np.uint8(np.clip(scene, 0, 255)))
-
-
-@pytest.fixture(scope="module")
-def jpeg_folder(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("scenes")
-    rng = np.random.default_rng(0)
-    for index in range(24):
-        height, width = (240, 320) if index % 2 else (320, 240)
-        natural_scene(rng, height, width).save(folder / f"{index:03d}.jpg", quality=90)
-    return UnlabeledFolderDataset(folder)
 
 
 def crops_of(dataset, transform, seed: int, epochs: int) -> list[list[torch.Tensor]]:

@@ -27,6 +27,8 @@ import torch
 from PIL import Image, ImageFilter
 from torchvision.transforms import v2
 
+from ssd.data.deferred_photometric import identity_params, is_photometric, record_step, uint8_pixels
+
 
 def matched_blur_radius(kernel_size: int, sigma: float) -> float:
     """The standard deviation of torchvision's Gaussian kernel of `kernel_size` taps at `sigma` (truncated,
@@ -99,12 +101,34 @@ class ViewPipeline(v2.Compose):
     from torch's RNG in the same order as v2 does (its `p` test, then make_params) and runs its own `transform`,
     so the crops are v2's bit for bit (tests/test_data_multicrop_speed.py). The blur stays a module call, so
     forward hooks see every blur; a step of another type runs through v2 unchanged.
+
+    defer_photometric=True: the geometric steps run, the colour steps only draw their parameters (same draws) and
+    the last step, a NormalizedTensor, is left to the device: returns (uint8 pixels (3, H, W), parameter row);
+    see ssd/data/deferred_photometric.py.
     """
 
+    def __init__(self, transforms, defer_photometric: bool = False):
+        super().__init__(transforms)
+        if defer_photometric and not isinstance(transforms[-1], NormalizedTensor):
+            raise ValueError("defer_photometric needs a NormalizedTensor as the last step")
+        self.defer_photometric = defer_photometric
+
     def forward(self, image):
+        if self.defer_photometric:
+            return self._geometry_and_params(image)
         for step in self.transforms:
             image = _run_step(step, image)
         return image
+
+    def _geometry_and_params(self, image) -> tuple[torch.Tensor, torch.Tensor]:
+        *steps, normalize = self.transforms
+        params = identity_params(normalize.mean, normalize.std)
+        for step in steps:
+            if is_photometric(step):
+                record_step(step, params)
+            else:
+                image = _run_step(step, image)
+        return uint8_pixels(image), params
 
 
 def _run_step(step, image):

@@ -90,9 +90,9 @@ def _geometry(size: int, scale: tuple[float, float], shared: SharedSteps) -> lis
 
 
 def _view_pipeline(size: int, scale: tuple[float, float], blur_p: float, solarize_p: float, mean, std,
-                   shared: SharedSteps) -> ViewPipeline:
+                   shared: SharedSteps, defer: bool) -> ViewPipeline:
     photometric = _photometric(size, blur_p, solarize_p, shared)
-    return ViewPipeline(_geometry(size, scale, shared) + photometric + _normalize(mean, std))
+    return ViewPipeline(_geometry(size, scale, shared) + photometric + _normalize(mean, std), defer)
 
 
 class _ViewWithTeacherCrop:
@@ -101,11 +101,11 @@ class _ViewWithTeacherCrop:
     image, not an upsampled copy)."""
 
     def __init__(self, size: int, teacher_size: int, scale, blur_p: float, solarize_p: float, mean, std,
-                 shared: SharedSteps):
+                 shared: SharedSteps, defer: bool):
         self.size, self.teacher_size, self.scale = size, teacher_size, tuple(scale)
         self.flip_p, self.rotation_degrees = shared.flip_p, shared.rotation_degrees
-        self.photometric = ViewPipeline(_photometric(size, blur_p, solarize_p, shared) + _normalize(mean, std))
-        self.plain = v2.Compose(_normalize(mean, std))
+        self.photometric = ViewPipeline(_photometric(size, blur_p, solarize_p, shared) + _normalize(mean, std), defer)
+        self.plain = ViewPipeline(_normalize(mean, std), defer)
 
     def __call__(self, image: Image.Image) -> tuple[torch.Tensor, torch.Tensor]:
         top, left, height, width = RandomResizedCrop.get_params(image, self.scale, (3 / 4, 4 / 3))
@@ -120,7 +120,7 @@ class _ViewWithTeacherCrop:
             if angle:
                 crop = v2.functional.rotate(crop, angle, interpolation=BILINEAR)
             crops.append(v2.functional.horizontal_flip(crop) if flip else crop)
-        return self.photometric(crops[0]), self.plain(crops[1])
+        return self.photometric(crops[0]), self.plain(crops[1])  # pairs (pixels, parameters) when deferred
 
 
 class MultiCropAugmentation:
@@ -143,7 +143,12 @@ class MultiCropAugmentation:
         solarize_probability: float = 0.2,  # global 2 only
         rotation_degrees: float = 0.0,  # each crop turned by a uniform angle in +-this; 0: no rotation (DINO)
         global_number: int = 2,  # 1: only the first global crop (I-JEPA, MAE)
+        photometric_on: str = "loader",  # "device": colour steps left to the trainer (deferred_photometric.py)
     ):
+        if photometric_on not in ("loader", "device"):
+            raise ValueError(f"photometric_on must be 'loader' or 'device', got {photometric_on!r}")
+        self.photometric_on = photometric_on
+        defer = photometric_on == "device"
         if global_number not in (1, 2):
             raise ValueError(f"global_number must be 1 or 2, got {global_number}")
         if global_number == 1 and gram_teacher_size:
@@ -164,23 +169,32 @@ class MultiCropAugmentation:
         global_scale, local_scale = tuple(global_scale), tuple(local_scale)
         shared = SharedSteps(flip_probability, color_jitter_probability, grayscale_probability, rotation_degrees)
         blur_1, blur_2, blur_local = blur_probabilities
-        self.global_transform_1 = _view_pipeline(global_size, global_scale, blur_1, 0.0, mean, std, shared)
+        self.global_transform_1 = _view_pipeline(global_size, global_scale, blur_1, 0.0, mean, std, shared, defer)
         self.global_transform_2 = _view_pipeline(global_size, global_scale, blur_2, solarize_probability, mean, std,
-                                                 shared)
-        self.local_transform = _view_pipeline(local_size, local_scale, blur_local, 0.0, mean, std, shared)
+                                                 shared, defer)
+        self.local_transform = _view_pipeline(local_size, local_scale, blur_local, 0.0, mean, std, shared, defer)
         self.gram_teacher_size = gram_teacher_size
         if gram_teacher_size:
             self.global_transform_1 = _ViewWithTeacherCrop(global_size, gram_teacher_size, global_scale, blur_1, 0.0,
-                                                           mean, std, shared)
+                                                           mean, std, shared, defer)
             self.global_transform_2 = _ViewWithTeacherCrop(global_size, gram_teacher_size, global_scale, blur_2,
-                                                           solarize_probability, mean, std, shared)
+                                                           solarize_probability, mean, std, shared, defer)
 
     @property
     def num_views(self) -> int:
         return self.global_number + self.local_number + (2 if self.gram_teacher_size else 0)
 
-    def __call__(self, image: Image.Image) -> list[torch.Tensor]:
-        """[global 1, global 2, locals...], then, with gram_teacher_size, the two global crops at that size."""
+    def __call__(self, image: Image.Image) -> list[torch.Tensor] | dict:
+        """[global 1, global 2, locals...], then, with gram_teacher_size, the two global crops at that size.
+
+        photometric_on="device": {"crops": those crops as uint8 pixels, "photometric": (V, NUM_PARAMS) parameters
+        of their colour steps}, for ssd.data.deferred_photometric.apply_photometric on the training device."""
+        views = self._views(image)
+        if self.photometric_on == "loader":
+            return views
+        return {"crops": [pixels for pixels, _ in views], "photometric": torch.stack([params for _, params in views])}
+
+    def _views(self, image: Image.Image) -> list:
         if not self.gram_teacher_size:
             crops = [self.global_transform_1(image)]
             if self.global_number == 2:

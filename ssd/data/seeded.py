@@ -86,7 +86,9 @@ class SeededCropsDataset(Dataset):
             # torch.manual_seed would also queue seeds for every accelerator (60 us a call on CPU-only machines).
             torch.default_generator.manual_seed(mix_seeds(self.seed, epoch, index))
             crops = self.transform(image)
-        return {"crops": crops, "label": int(label), "index": used_index, "epoch": int(epoch)}
+        # A transform that leaves colour steps to the device returns {"crops": ..., "photometric": ...}.
+        views = crops if isinstance(crops, dict) else {"crops": crops}
+        return {**views, "label": int(label), "index": used_index, "epoch": int(epoch)}
 
     def _load_readable(self, index: int):
         size = len(self.dataset)
@@ -101,11 +103,15 @@ class SeededCropsDataset(Dataset):
 
 
 def collate_crops(samples: list[dict]) -> dict:
-    """Stack per-sample dicts into {"crops": V tensors (B, 3, H, W), "labels": (B,), "indices": (B,)}."""
+    """Stack per-sample dicts into {"crops": V tensors (B, 3, H, W), "labels": (B,), "indices": (B,)}, and, when
+    the samples carry deferred colour steps, "photometric": (V, B, NUM_PARAMS)."""
     num_views = len(samples[0]["crops"])
     crops = [torch.stack([sample["crops"][view] for sample in samples]) for view in range(num_views)]
-    return {
+    batch = {
         "crops": crops,
         "labels": torch.tensor([sample["label"] for sample in samples], dtype=torch.long),
         "indices": torch.tensor([sample["index"] for sample in samples], dtype=torch.long),
     }
+    if "photometric" in samples[0]:
+        batch["photometric"] = torch.stack([sample["photometric"] for sample in samples], dim=1)
+    return batch

@@ -29,6 +29,7 @@ from torch.nn.parallel import DistributedDataParallel
 from ssd.checkpoint_import import model_config
 from ssd.config import ConfigError, check_world_size, to_dict
 from ssd.data import ResumableDistributedSampler, SeededCropsDataset
+from ssd.data.deferred_photometric import apply_photometric
 from ssd.engine import checkpoint as ckpt
 from ssd.engine import distributed, machine, memory, sharded_checkpoint, sharding, signals
 from ssd.engine.compile import compile_regions
@@ -114,6 +115,9 @@ class Trainer:
             # run (which creates it at a different point) would draw different drop-path masks.
             generator=torch.Generator().manual_seed(cfg.train.seed),
         )
+        if getattr(transform, "photometric_on", "loader") == "device":
+            log.info("crops: the loader crops and sends uint8 pixels; colour steps on the device (%s), "
+                     "crops.photometric_on=%s", self.device.type, cfg.crops.photometric_on)
         self.schedule = TrainingSchedule(cfg, self.steps_per_epoch, cfg.train.batch_size)
         self.amp_dtype = autocast_dtype(cfg.train.precision, self.device)
         log.info("precision: %s (train.precision=%s; parameters and optimizer state in fp32)",
@@ -319,8 +323,10 @@ class Trainer:
         non_blocking = self.device.type == "cuda"
         moved = {"crops": [crop.to(self.device, non_blocking=non_blocking) for crop in batch["crops"]]}
         for name, value in batch.items():  # masks and whatever else a method's collate adds; labels stay
-            if name not in moved:
+            if name not in moved and name != "photometric":
                 moved[name] = value if name in ("labels", "indices") else value.to(self.device, non_blocking=non_blocking)
+        if "photometric" in batch:  # crops.photometric_on=device: uint8 crops, colour steps applied here
+            moved["crops"] = apply_photometric(moved["crops"], batch["photometric"])
         return moved
 
     def _forward_backward(self, batches, schedule: dict) -> tuple[torch.Tensor, dict]:
