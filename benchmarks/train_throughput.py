@@ -7,7 +7,9 @@ forward, student forward/backward, clipping, AdamW, EMA update, centres) through
         python benchmarks/train_throughput.py --recipe $recipe --batch-size 32; done
 
 Input crops are random tensors already on the device, so the number is the model/engine step, not the data
-pipeline. On a GPU it also prints peak memory and model FLOP utilisation (MFU).
+pipeline. With --photometric-on-device the crops come as uint8 pixels with drawn colour parameters (what loader
+workers send under crops.photometric_on=device) and every step copies them to the device and applies the colour
+steps there, so that cost is in the number. On a GPU it also prints peak memory and model FLOP utilisation (MFU).
 
 FLOPs are counted, not guessed: torch's FlopCounterMode records every matmul / attention of one real step
 (forward and backward). As a cross-check, a ViT forward costs about
@@ -61,6 +63,23 @@ def peak_flops(device: torch.device) -> float | None:
     return next((value for key, value in PEAK_BF16_FLOPS.items() if key in name), None)
 
 
+def deferred_samples(cfg, count: int) -> list[dict]:
+    """Samples as loader workers send them under crops.photometric_on=device: uint8 crops of random scenes and
+    their drawn colour parameters."""
+    from PIL import Image
+
+    from ssd.train import build_transform
+
+    cfg.crops.photometric_on = "device"
+    transform = build_transform(cfg)
+    generator = torch.Generator().manual_seed(0)
+    samples = []
+    for index in range(count):
+        pixels = torch.randint(0, 256, (375, 500, 3), dtype=torch.uint8, generator=generator).numpy()
+        samples.append({**transform(Image.fromarray(pixels)), "label": 0, "index": index, "epoch": 0})
+    return samples
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipe", default="dino_vit_small16_imagenet", help="any recipe in ssd/configs")
@@ -70,6 +89,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     parser.add_argument("--compile", action="store_true", help="train.compile=true: each transformer block compiled on its own")
+    parser.add_argument("--photometric-on-device", action="store_true",
+                        help="each step includes the copy of uint8 crops and the colour steps on the device")
     parser.add_argument("overrides", nargs="*", help="extra config overrides (key=value)")
     args = parser.parse_args(argv)
 
@@ -86,13 +107,21 @@ def main(argv=None) -> dict:
     sizes = [crops.global_size] * 2 + [crops.local_size] * crops.local_number + [crops.gram_teacher_size] * (
         2 if crops.gram_teacher_size else 0)
     # Through the method's own collate, so masked methods get their masks (drawn as in training).
-    samples = [{"crops": [torch.randn(3, size, size) for size in sizes], "label": 0, "index": index, "epoch": 0}
-               for index in range(args.batch_size)]
-    batch = trainer._to_device(trainer.method.make_collate(cfg.train.seed)(samples))
+    if args.photometric_on_device:
+        samples = deferred_samples(cfg, args.batch_size)
+    else:
+        samples = [{"crops": [torch.randn(3, size, size) for size in sizes], "label": 0, "index": index, "epoch": 0}
+                   for index in range(args.batch_size)]
+    host_batch = trainer.method.make_collate(cfg.train.seed)(samples)
+    if device.type == "cuda":
+        host_batch = {key: [crop.pin_memory() for crop in value] if key == "crops" else
+                      value.pin_memory() if isinstance(value, torch.Tensor) else value
+                      for key, value in host_batch.items()}
+    batch = trainer._to_device(host_batch)
 
     def batches():
         while True:
-            yield batch
+            yield trainer._to_device(host_batch) if args.photometric_on_device else batch
 
     stream = batches()
     schedule = trainer.schedule(cfg.optim.warmup_epochs * trainer.steps_per_epoch)  # a post-warmup step
@@ -119,7 +148,8 @@ def main(argv=None) -> dict:
         "settings": f"{args.recipe} ({cfg.method.name}, {cfg.model.arch}), 2x{crops.global_size} + "
                     f"{crops.local_number}x{crops.local_size} crops, "
                     f"batch {args.batch_size}/process, precision {cfg.train.precision} "
-                    f"({trainer.amp_dtype or torch.float32}), compile {args.compile}",
+                    f"({trainer.amp_dtype or torch.float32}), compile {args.compile}, colour steps "
+                    f"{'on the device, in the step' if args.photometric_on_device else 'not in the step'}",
         "images_per_second": args.batch_size / seconds,
         "seconds_per_step": seconds,
         "tflops_per_step": flops_per_step / 1e12,

@@ -204,8 +204,8 @@ class CropsConfig:
     rotation_degrees: float = 0.0  # each crop turned by a random angle within +-this (0: none, as in DINO)
     # Where the colour steps (jitter, grayscale, blur, solarize) and normalisation run. loader: in the DataLoader
     # workers on 8-bit PIL images, DINO's way. device: the workers only crop and send uint8 pixels plus the drawn
-    # parameters, the training device applies the steps in float (same draws; within ~1 grey level per crop;
-    # ssd/data/deferred_photometric.py): about twice the images per worker core. auto: device on a GPU.
+    # parameters, the training device applies the steps in float (same draws; within ~1.5 grey levels per crop;
+    # ssd/data/deferred_photometric.py): 2.3x the images per worker core. auto: device on a GPU.
     photometric_on: str = "auto"
 
 

@@ -9,8 +9,8 @@ applies the steps itself, so a seeded sample gets the same crop box, flip and co
 
 `apply_photometric` then runs the steps on whole batches of float pixels on the device: no rounding to 8 bits
 between steps, torchvision's exact Gaussian kernel instead of PIL's box approximation. Crop by crop the result is
-within about one grey level of the loader's PIL pipeline (tests/test_data_deferred_photometric.py), and the loader
-does roughly half the work per image and sends a quarter of the bytes (uint8, not float32). Which samples each step
+within ~1.5 grey levels (mean) of the loader's PIL pipeline (tests/test_data_deferred_photometric.py); a worker
+does ~40% of the work per image and sends a quarter of the bytes (uint8, not float32). Which samples each step
 touches is read from the parameters while they are still on the host, so applying them never waits on the device.
 """
 
