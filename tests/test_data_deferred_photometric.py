@@ -18,7 +18,7 @@ from ssd.data import IMAGENET_STD, MultiCropAugmentation, SeededCropsDataset
 from ssd.data import deferred_photometric as deferred
 from ssd.data.seeded import collate_crops
 from tests.test_data_multicrop_speed import crop_statistics, ks_p_values
-from tests.tiny import assert_resume_after_sigkill_is_bitwise_equal, run_training, tiny_overrides
+from tests.tiny import assert_resume_after_sigkill_is_bitwise_equal, final_weights, run_training, tiny_overrides
 
 STD_255 = torch.tensor(IMAGENET_STD).view(3, 1, 1) * 255  # a normalised difference * this = grey levels
 
@@ -175,3 +175,18 @@ def test_dinov3_with_gram_teacher_crops_and_masks_trains_with_colour_steps_on_th
                                          "data.num_workers=1", "train.max_steps=4"))
     assert "colour steps on the device" in result.stderr
     assert (tmp_path / "dinov3" / "checkpoint_00000004.pt").exists()
+
+
+def test_two_processes_apply_the_colour_steps_as_one_process_does(tmp_path):
+    """Each rank applies the steps to its half of the batch: the same weights as one process (as for DDP with
+    the steps in the loader, tests/test_train_ddp.py)."""
+    from tests.test_train_ddp import SAME
+
+    run_training(tiny_overrides(tmp_path, "one", *SAME, "crops.photometric_on=device"))
+    run_training(tiny_overrides(tmp_path, "two", *SAME, "crops.photometric_on=device"), nproc=2)
+    one, two = final_weights(tmp_path / "one"), final_weights(tmp_path / "two")
+    for name in one:
+        torch.testing.assert_close(two[name], one[name], rtol=1e-5, atol=1e-6)
+    run_training(tiny_overrides(tmp_path, "loader", *SAME, "crops.photometric_on=loader"))
+    loader = final_weights(tmp_path / "loader")  # other pixels, so other weights: the device steps did run
+    assert max((loader[name] - one[name]).abs().max() for name in one) > 1e-5
