@@ -5,7 +5,8 @@
     python benchmarks/gpu_session.py check        # on the GPU: device colour steps against the CPU, timed; short
                                                   # bf16 training runs of each method from the command line
     python benchmarks/gpu_session.py throughput   # on the GPU: train_throughput for each method's recipe, plain,
-                                                  # packed crops, compiled blocks, colour steps in the step
+                                                  # packed crops, compiled blocks, colour steps in the step, and
+                                                  # DDP / FSDP2 over all GPUs where more than one is lent
     python benchmarks/gpu_session.py official     # on the GPU: compare_official, DINO ViT-S/16 at batch 64
 
 On the device tool: run(command="python3 benchmarks/gpu_session.py throughput", carry=[".whl", ".official"]).
@@ -124,14 +125,27 @@ def check(env: dict, dry_run: bool) -> None:
     print("\n".join(rows))
 
 
+def gpu_count() -> int:
+    import torch
+
+    return torch.cuda.device_count()
+
+
 def throughput(env: dict, dry_run: bool) -> None:
     rows = ["| recipe | batch | variant | images/s | ms/step | peak GiB | MFU | exit |", "|---|---|---|---|---|---|---|---|"]
+    variants = dict(VARIANTS)
+    gpus = 2 if dry_run else gpu_count()
+    if gpus > 1:  # a multi-GPU kind: the same step under DDP and FSDP2 on all of them
+        variants |= {f"{parallel} x{gpus}": [f"--parallel={parallel}"] for parallel in ("ddp", "fsdp")}
     with open(OUT / "throughput.jsonl", "a") as log:
         for recipe, batch in RECIPES[:1] if dry_run else RECIPES:
-            for variant, extra in VARIANTS.items():
+            for variant, extra in variants.items():
                 flags = [arg for arg in extra if arg.startswith("--")]
                 overrides = [arg for arg in extra if not arg.startswith("--")]
-                command = [sys.executable, "benchmarks/train_throughput.py", "--recipe", recipe, "--batch-size",
+                launcher = [sys.executable]
+                if "--parallel" in " ".join(flags):
+                    launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}"]
+                command = [*launcher, "benchmarks/train_throughput.py", "--recipe", recipe, "--batch-size",
                            str(2 if dry_run else batch), "--steps", "1" if dry_run else "10", "--warmup",
                            "1" if dry_run else "3", *flags, *(["--device", "cpu"] if dry_run else []),
                            *(["model.timm_kwargs={depth: 1}"] if dry_run else []), *overrides]

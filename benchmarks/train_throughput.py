@@ -3,9 +3,12 @@ forward, student forward/backward, clipping, AdamW, EMA update, centres) through
 
     python benchmarks/train_throughput.py --batch-size 64            # per process; GPU: bf16 autocast
     python benchmarks/train_throughput.py --batch-size 8 --device cpu --steps 3
+    torchrun --nproc_per_node 8 benchmarks/train_throughput.py --parallel fsdp --recipe dinov2_vit_large14_imagenet
     for recipe in ibot_vit_small16_imagenet dinov2_vit_large14_imagenet dinov3_vit_large16_imagenet; do
         python benchmarks/train_throughput.py --recipe $recipe --batch-size 32; done
 
+Under torchrun each process trains its own --batch-size with DDP or FSDP2 (--parallel), as a run with that many
+processes would; rank 0 prints images/s of all processes together and per process, and the largest peak memory.
 Input crops are random tensors already on the device, so the number is the model/engine step, not the data
 pipeline. With --photometric-on-device the crops come as uint8 pixels with drawn colour parameters (what loader
 workers send under crops.photometric_on=device) and every step copies them to the device and applies the colour
@@ -36,7 +39,7 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ssd.config import load_config  # noqa: E402
-from ssd.engine.distributed import DistInfo  # noqa: E402
+from ssd.engine import distributed  # noqa: E402
 from ssd.engine.trainer import Trainer  # noqa: E402
 from ssd.methods import build_method  # noqa: E402
 
@@ -89,20 +92,25 @@ def main(argv=None) -> dict:
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     parser.add_argument("--compile", action="store_true", help="train.compile=true: each transformer block compiled on its own")
+    parser.add_argument("--parallel", default="ddp", choices=["ddp", "fsdp"],
+                        help="under torchrun: DDP or FSDP2 (train.parallel)")
     parser.add_argument("--photometric-on-device", action="store_true",
                         help="each step includes the copy of uint8 crops and the colour steps on the device")
     parser.add_argument("overrides", nargs="*", help="extra config overrides (key=value)")
     args = parser.parse_args(argv)
 
+    dist_info = distributed.init_distributed(args.device)
+    world = dist_info.world_size
     cfg = load_config(args.recipe, [
-        "data.root=unused", f"train.batch_size={args.batch_size}", f"train.device={args.device}",
+        "data.root=unused", f"train.batch_size={args.batch_size * world}", f"train.device={args.device}",
+        f"train.parallel={args.parallel}",
         f"train.precision={args.precision}", f"train.compile={str(args.compile).lower()}", "data.num_workers=0",
         "train.memory_check=false",  # its probe reads real images; the benchmark feeds tensors
         *args.overrides])
-    device = torch.device("cuda" if (args.device != "cpu" and torch.cuda.is_available()) else "cpu")
+    device = dist_info.device
     torch.manual_seed(0)
     trainer = Trainer(cfg, build_method(cfg), _Unused(), transform=None,
-                      dist_info=DistInfo(device=device), run_dir=Path("/tmp/ssd-benchmark"))
+                      dist_info=dist_info, run_dir=Path("/tmp/ssd-benchmark"))
     crops = cfg.crops
     sizes = [crops.global_size] * 2 + [crops.local_size] * crops.local_number + [crops.gram_teacher_size] * (
         2 if crops.gram_teacher_size else 0)
@@ -135,31 +143,39 @@ def main(argv=None) -> dict:
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
+    distributed.barrier()
     start = time.perf_counter()
     for _ in range(args.steps):
         trainer.train_step(stream, schedule)
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = (time.perf_counter() - start) / args.steps
+    slowest = distributed.all_reduce_max(torch.tensor([seconds], device=device)).item()  # the step waits for it
 
     result = {
         "date": time.strftime("%Y-%m-%d"),
         "machine": machine(),
         "settings": f"{args.recipe} ({cfg.method.name}, {cfg.model.arch}), 2x{crops.global_size} + "
                     f"{crops.local_number}x{crops.local_size} crops, "
-                    f"batch {args.batch_size}/process, precision {cfg.train.precision} "
+                    f"batch {args.batch_size}/process, {world} process(es), "
+                    f"{args.parallel if world > 1 else 'one process'}, precision {cfg.train.precision} "
                     f"({trainer.amp_dtype or torch.float32}), compile {args.compile}, colour steps "
                     f"{'on the device, in the step' if args.photometric_on_device else 'not in the step'}",
-        "images_per_second": args.batch_size / seconds,
-        "seconds_per_step": seconds,
-        "tflops_per_step": flops_per_step / 1e12,
+        "images_per_second": args.batch_size * world / slowest,
+        "images_per_second_per_process": args.batch_size / slowest,
+        "seconds_per_step": slowest,
+        "tflops_per_step": flops_per_step / 1e12,  # one process's share
     }
     if device.type == "cuda":
-        result["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        peak_bytes = torch.tensor([float(torch.cuda.max_memory_allocated())], device=device)
+        result["peak_memory_gib"] = distributed.all_reduce_max(peak_bytes).item() / 2**30
         peak = peak_flops(device)
         if peak:
-            result["mfu"] = flops_per_step / seconds / peak
-    print(json.dumps(result, indent=2))
+            result["mfu"] = flops_per_step / slowest / peak
+    if dist_info.is_main:
+        print(json.dumps(result, indent=2))
+    if world > 1:
+        torch.distributed.destroy_process_group()
     return result
 
 
