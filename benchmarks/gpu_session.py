@@ -123,6 +123,16 @@ def check(env: dict, dry_run: bool) -> None:
         rate = summary.split(" images/s")[0].rsplit(" ", 1)[-1] if summary else "-"
         rows.append(f"| {recipe} | {result.returncode} | {loss} | {rate} | {time.monotonic() - started:.0f} |")
     print("\n".join(rows))
+    # The CPU suite's exact-resume and device-colour tests, here on the GPU (train.device=auto picks it): SIGKILL
+    # resume must stay bitwise with CUDA kernels and bf16 autocast.
+    tests = ["tests/test_train_resume.py::test_sigkill_then_resume_is_bitwise_equal",
+             "tests/test_data_deferred_photometric.py"]
+    if dry_run:
+        tests = ["tests/test_data_deferred_photometric.py", "-k", "kernel"]
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x", *tests],
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
+    (OUT / "pytest_on_gpu.log").write_text(result.stdout + result.stderr)
+    print(f"pytest on the GPU: exit {result.returncode}: {(result.stdout.strip().splitlines() or ['-'])[-1]}")
 
 
 def gpu_count() -> int:
