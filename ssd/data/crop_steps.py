@@ -8,6 +8,8 @@ Two costs of running DINO's recipe through torchvision.transforms.v2 on PIL imag
   (DINO's): ~1 ms.
 - v2's per-call dispatch (tree flattening, type checks) and its four steps to a normalised tensor: `ViewPipeline`
   runs each step's own `transform`, `NormalizedTensor` converts in one pass.
+- Resizing boxes of large photos (a 96 px crop from up to 3 megapixels): `bicubic_resized_crop` lets PIL
+  box-average by an integer factor first when the box is 8x the crop or more (identical below that).
 
 Every step draws the same numbers from torch's global RNG in the same order as v2, so `SeededCropsDataset`'s
 per-sample seeding still fixes the crops, and with blur off they are v2's bit for bit. What is left is PIL's own
@@ -57,6 +59,38 @@ class PILGaussianBlur(v2.GaussianBlur):
             return super().transform(inpt, params)
         radius = matched_blur_radius(self.kernel_size[0], params["sigma"][0])
         return inpt.filter(ImageFilter.GaussianBlur(radius))
+
+
+# PIL's two-step downscaling: a box at least 2 * REDUCING_GAP times the output per side is first box-averaged by
+# an integer factor, leaving a bicubic step that still shrinks at least REDUCING_GAP times. On 1/f scenes the local
+# crops came out 2.2% less sharp at 3 (Pillow's suggestion), 1.0% at 4, 0.3% at 5 (2.5x, 1.95x, 1.3x faster).
+REDUCING_GAP = 4.0
+
+
+def bicubic_resized_crop(image, top: int, left: int, height: int, width: int, size):
+    """torchvision's bicubic resized_crop (crop, then antialiased resize to size (h, w)); on a PIL image with
+    PIL's two-step downscaling at reducing_gap=4.
+
+    Below an 8x reduction it changes nothing, bit for bit: with DINO's scales, local crops of images under ~1.5
+    megapixels and global crops of images under ~3.2 (ImageNet's typical 500 x 375 is 0.19). From 2048 x 1536
+    photos it makes the local crops ~2x cheaper (3.7 -> 1.9 ms each on one core, ~14 ms per image of 8), within half
+    a grey level of the plain resize on average and ~1% less sharp (tests/test_data_multicrop_speed.py).
+    """
+    if not isinstance(image, Image.Image):
+        return v2.functional.resized_crop(image, top, left, height, width, list(size),
+                                          interpolation=v2.InterpolationMode.BICUBIC, antialias=True)
+    box = image.crop((left, top, left + width, top + height))
+    return box.resize((size[1], size[0]), Image.Resampling.BICUBIC, reducing_gap=REDUCING_GAP)
+
+
+class PILResizedCrop(v2.RandomResizedCrop):
+    """v2.RandomResizedCrop (same box drawn from torch's RNG) that resizes bicubic PIL crops through
+    `bicubic_resized_crop`; other interpolations go through v2."""
+
+    def transform(self, inpt, params: dict):
+        if self.interpolation != v2.InterpolationMode.BICUBIC or not self.antialias:
+            return super().transform(inpt, params)
+        return bicubic_resized_crop(inpt, params["top"], params["left"], params["height"], params["width"], self.size)
 
 
 def v2_normalize_steps(mean: Sequence[float], std: Sequence[float]) -> list:

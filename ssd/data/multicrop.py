@@ -28,7 +28,14 @@ import torch
 from PIL import Image
 from torchvision.transforms import RandomResizedCrop, v2
 
-from ssd.data.crop_steps import NormalizedTensor, PILGaussianBlur, ViewPipeline, v2_normalize_steps
+from ssd.data.crop_steps import (
+    NormalizedTensor,
+    PILGaussianBlur,
+    PILResizedCrop,
+    ViewPipeline,
+    bicubic_resized_crop,
+    v2_normalize_steps,
+)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -81,7 +88,7 @@ def _photometric(size: int, blur_p: float, solarize_p: float, shared: SharedStep
 
 def _geometry(size: int, scale: tuple[float, float], shared: SharedSteps) -> list:
     """Crop, then turn the crop (rotation_degrees > 0), then flip."""
-    steps = [v2.RandomResizedCrop(size, scale=scale, interpolation=BICUBIC)]
+    steps = [PILResizedCrop(size, scale=scale, interpolation=BICUBIC)]
     if shared.rotation_degrees > 0:
         steps.append(v2.RandomRotation(shared.rotation_degrees, interpolation=BILINEAR))
     if shared.flip_p > 0:
@@ -115,8 +122,7 @@ class _ViewWithTeacherCrop:
             angle = float(torch.empty(1).uniform_(-self.rotation_degrees, self.rotation_degrees))
         crops = []
         for size in (self.size, self.teacher_size):
-            crop = v2.functional.resized_crop(image, top, left, height, width, [size, size], interpolation=BICUBIC,
-                                              antialias=True)
+            crop = bicubic_resized_crop(image, top, left, height, width, (size, size))
             if angle:
                 crop = v2.functional.rotate(crop, angle, interpolation=BILINEAR)
             crops.append(v2.functional.horizontal_flip(crop) if flip else crop)
