@@ -6,6 +6,9 @@ A run wires them as
     samples = SeededCropsDataset(dataset, MultiCropAugmentation(), seed, on_bad_image)
     sampler = ResumableDistributedSampler(len(dataset), world_size, rank, seed)   # yields (epoch, index)
     loader = DataLoader(samples, batch_size, sampler=sampler, collate_fn=collate_crops, drop_last=True)
+
+With MultiCropAugmentation(photometric_on="device") the batches hold uint8 crops and a "photometric" parameter
+tensor; deferred_photometric.apply_photometric turns them into the normalised crops on the training device.
 """
 
 from ssd.data.cifar10 import CIFAR10_CLASSES, CIFAR10Dataset

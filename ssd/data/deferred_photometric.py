@@ -21,8 +21,6 @@ import torch
 import torch.nn.functional as F
 from torchvision.transforms import v2
 
-PHOTOMETRIC_ON = ("auto", "loader", "device")
-
 # One row of parameters per crop (float32). Identity values for steps that did not run.
 JITTER = 0  # 1: colour jitter ran
 ORDER = slice(1, 5)  # the order of its four operations: 0 brightness, 1 contrast, 2 saturation, 3 hue
