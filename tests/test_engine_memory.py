@@ -131,3 +131,35 @@ def test_sharded_runs_count_a_share_of_the_gradients_and_optimizer_state():
         saved = (1 - 1 / shards) * 3 * trainable  # one gradient copy and two AdamW moments
         assert estimates[0].fixed - estimate.fixed == pytest.approx(saved, rel=1e-6)
     assert estimates[0].per_image == estimates[2].per_image  # activations are not sharded
+
+
+def test_a_probe_out_of_device_memory_is_a_clear_refusal_or_skipped_when_sharded(tmp_path, monkeypatch, caplog):
+    """On a GPU the probe step raises torch.OutOfMemoryError rather than growing into the OOM killer. Without
+    sharding that means 2 images do not fit: a refusal naming the error and the ways out. Under FSDP the probe's
+    unsharded copy may not fit where the sharded run does: the check is skipped with a warning. (The error is
+    raised by hand here: this machine has no GPU.)"""
+    import torch
+
+    from ssd.config import ConfigError, load_config
+    from ssd.data import build_dataset
+    from ssd.engine import memory
+    from ssd.engine.distributed import DistInfo
+    from ssd.engine.trainer import Trainer
+    from ssd.methods import build_method
+    from ssd.train import build_transform
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore lines of advice")
+
+    monkeypatch.setattr(memory, "_step_bytes", out_of_memory)
+    cfg = load_config(None, tiny_overrides(tmp_path, "probe"))
+    dataset = build_dataset(cfg.data, cfg.data.split)
+    with pytest.raises(ConfigError, match=r"probe step of 2 images ran out of device memory \(CUDA out of memory\. "
+                                          r"Tried to allocate 2\.00 GiB\)\..*train\.parallel=fsdp.*memory_check=false"):
+        Trainer(cfg, build_method(cfg), dataset, build_transform(cfg), DistInfo(), tmp_path / "probe")
+
+    cfg.train.memory_check = False
+    trainer = Trainer(cfg, build_method(cfg), dataset, build_transform(cfg), DistInfo(), tmp_path / "probe")
+    with caplog.at_level("WARNING", logger="ssd"):
+        assert trainer._probe_out_of_memory("CUDA out of memory", shards=2) is None
+    assert "memory check skipped" in caplog.text and "sharded over 2 processes" in caplog.text

@@ -178,3 +178,11 @@ def refusal(estimate: MemoryEstimate, cfg, world_size: int) -> str:
                       f"(same global batch {cfg.train.batch_size}, {per_process // accum} images per forward), or "
                       f"lower train.batch_size to {fits * world_size}; "
                       "train.memory_check=false starts anyway.")
+
+
+def probe_out_of_memory_refusal(error: str) -> str:
+    """What to tell a user whose probe step (2 images) already ran out of device memory."""
+    return (f"this run does not fit: the memory check's probe step of {PROBE_SIZES[0]} images ran out of device "
+            f"memory ({error}). Use a smaller model or smaller crops (crops.global_size, crops.local_number), "
+            "model.grad_checkpointing=true, or train.parallel=fsdp over several GPUs; train.memory_check=false "
+            "starts anyway.")

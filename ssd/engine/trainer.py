@@ -166,14 +166,21 @@ class Trainer:
 
             self.images = TrainingImages(cfg, dataset)
 
-    def check_memory(self) -> memory.MemoryEstimate:
+    def check_memory(self) -> memory.MemoryEstimate | None:
         """Measure what a step needs (`ssd.engine.memory`); refuse on every rank when it cannot fit."""
         def make_batch(size: int) -> dict:
             return self._to_device(self.collate([self.samples[(0, i % len(self.samples))] for i in range(size)]))
 
         shards = self.dist.world_size if self.cfg.train.parallel == "fsdp" else 1
-        estimate = memory.measure(self.method, make_batch, self.micro_batch, self.device, self.amp_dtype,
-                                  self.schedule(0), self.workers, machine.processes_on_this_node(), shards)
+        try:
+            estimate, out_of_memory = memory.measure(
+                self.method, make_batch, self.micro_batch, self.device, self.amp_dtype, self.schedule(0),
+                self.workers, machine.processes_on_this_node(), shards), ""
+        except torch.OutOfMemoryError as error:  # the frames holding the probe's tensors go with the exception
+            estimate, out_of_memory = None, str(error).splitlines()[0] if str(error) else "out of memory"
+        failed = distributed.all_reduce_sum(torch.tensor([float(bool(out_of_memory))], device=self.device))
+        if failed.item() > 0:
+            return self._probe_out_of_memory(out_of_memory or "on another process", shards)
         too_large = distributed.all_reduce_sum(torch.tensor([float(estimate.share > memory.REFUSE_ABOVE)],
                                                             device=self.device))
         if too_large.item() > 0:
@@ -181,6 +188,18 @@ class Trainer:
         if self.dist.is_main:
             log.log(logging.WARNING if estimate.share > memory.WARN_ABOVE else logging.INFO, estimate.describe())
         return estimate
+
+    def _probe_out_of_memory(self, error: str, shards: int) -> None:
+        """The probe runs an unsharded copy of the method: under FSDP that copy may not fit one device when the
+        sharded run does, so the check is skipped with a warning; otherwise 2 images already do not fit."""
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        if shards > 1:
+            if self.dist.is_main:
+                log.warning("memory check skipped: its probe runs an unsharded copy of the model, which ran out of "
+                            "device memory (%s); the run goes on sharded over %d processes", error, shards)
+            return None
+        raise ConfigError(memory.probe_out_of_memory_refusal(error))
 
     # ---- checkpoints -------------------------------------------------------------------------------------
     def save(self) -> Path | None:
