@@ -8,8 +8,12 @@
                                                   # packed crops, compiled blocks, colour steps in the step, and
                                                   # DDP / FSDP2 over all GPUs where more than one is lent
     python benchmarks/gpu_session.py official     # on the GPU: compare_official, DINO ViT-S/16 at batch 64
+    python benchmarks/gpu_session.py cifar        # on the GPU: up to 9.5 minutes of dino_cifar10_vit_small
+                                                  # (issue 12: 90% k-NN in 30 minutes); it saves at SIGTERM, and
+                                                  # the next call resumes it while the machine stays warm
 
-On the device tool: run(command="python3 benchmarks/gpu_session.py throughput", carry=[".whl", ".official"]).
+On the device tool: run(command="python3 benchmarks/gpu_session.py throughput", carry=[".whl", ".official"]);
+the cifar part also carries ".data" (the shared CIFAR-10 zip, 63 MB: carry it alone with .whl, the limit is 64 MiB).
 The device image has PyTorch, torchvision, timm, safetensors and PyYAML but not omegaconf: the wheels carried in
 .whl are installed into /tmp/site first. Each part writes its raw output under $OUT (benchmarks/gpu-out without
 one) and ends with a markdown table for benchmarks/RESULTS.md. `--dry-run` runs a part on the CPU with tiny
@@ -28,7 +32,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-WHEELS, OFFICIAL = REPO / ".whl", REPO / ".official" / "dino"
+WHEELS, OFFICIAL, DATA = REPO / ".whl", REPO / ".official" / "dino", REPO / ".data"
+SHARED_CIFAR = REPO.parent / "shared" / "data" / "cifar10-jpeg.zip"
 CARRIED_WHEELS = ("omegaconf==2.4.0",)  # the device image holds everything else ssd's training imports
 OUT = Path(os.environ.get("OUT") or REPO / "benchmarks" / "gpu-out")
 
@@ -81,7 +86,11 @@ def prepare() -> None:
             raise SystemExit("set DINO_CHECKOUT=<a clone of github.com/facebookresearch/dino> to copy it into "
                              f"{OFFICIAL} (git-ignored; nothing official is committed)")
         shutil.copytree(source, OFFICIAL, ignore=shutil.ignore_patterns(".git"))
-    print(f"ready: {sorted(path.name for path in WHEELS.glob('*.whl'))}, {OFFICIAL}")
+    if SHARED_CIFAR.is_file() and not (DATA / SHARED_CIFAR.name).is_file():
+        DATA.mkdir(exist_ok=True)
+        shutil.copy(SHARED_CIFAR, DATA / SHARED_CIFAR.name)
+    print(f"ready: {sorted(path.name for path in WHEELS.glob('*.whl'))}, {OFFICIAL}, "
+          f"{sorted(path.name for path in DATA.glob('*.zip'))}")
 
 
 def check(env: dict, dry_run: bool) -> None:
@@ -178,9 +187,36 @@ def official(env: dict, dry_run: bool) -> None:
     print(json.dumps(report, indent=2))
 
 
+def cifar(env: dict, dry_run: bool) -> None:
+    import zipfile
+
+    root = DATA / "extracted"
+    if not (root / "cifar10" / "test").is_dir():
+        archive = DATA / SHARED_CIFAR.name if (DATA / SHARED_CIFAR.name).is_file() else SHARED_CIFAR
+        if not archive.is_file():
+            raise SystemExit(f"no {SHARED_CIFAR.name} in {DATA} or {SHARED_CIFAR.parent}: run the prepare part here")
+        with zipfile.ZipFile(archive) as opened:
+            opened.extractall(root)
+    overrides = [f"data.root={root}", "output.run_name=gpu-session-cifar10", "log.progress_bar=false"]
+    if dry_run:
+        overrides += ["train.max_steps=2", "train.batch_size=8", "train.device=cpu", "eval.knn=false",
+                      "model.timm_kwargs={depth: 1}", "head.out_dim=256"]
+    limit = "60" if dry_run else "560"  # seconds; SIGTERM makes the run save and exit 75, the next call resumes
+    command = ["timeout", "-s", "TERM", limit, sys.executable, "-m", "ssd.train", "--config",
+               "dino_cifar10_vit_small", *overrides]
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
+    with open(OUT / "cifar.log", "a") as log:
+        log.write(result.stdout + result.stderr)
+    lines = [line for line in result.stderr.splitlines() if any(word in line for word in (
+        "resumed from", "summary:", "k-NN", "stop requested", "step ", "Error", "error"))]
+    print("\n".join(lines[-15:]))
+    outcome = {0: "finished", 75: "saved at SIGTERM: call again to resume"}.get(result.returncode, "failed")
+    print(f"exit {result.returncode}: {outcome}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("part", choices=["prepare", "check", "throughput", "official"])
+    parser.add_argument("part", choices=["prepare", "check", "throughput", "official", "cifar"])
     parser.add_argument("--dry-run", action="store_true", help="on the CPU with tiny steps: checks the script only")
     args = parser.parse_args()
     if args.part == "prepare":
@@ -188,7 +224,7 @@ def main() -> None:
         return
     OUT.mkdir(parents=True, exist_ok=True)
     env = python_env()
-    {"check": check, "throughput": throughput, "official": official}[args.part](env, args.dry_run)
+    {"check": check, "throughput": throughput, "official": official, "cifar": cifar}[args.part](env, args.dry_run)
 
 
 if __name__ == "__main__":
