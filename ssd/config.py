@@ -219,7 +219,9 @@ class OptimConfig:
     weight_decay_end: float = 0.4
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     clip_grad: float = 3.0  # 0 disables clipping
-    clip_mode: str = "per_param"  # per_param (official DINO) | global (clip_grad_norm_ over all parameters)
+    # per_param: each tensor by its own norm (official DINO, iBOT) | global: clip_grad_norm_ over all parameters |
+    # per_module: each part of the student (backbone, class head, patch head) by its own norm (DINOv2, DINOv3)
+    clip_mode: str = "per_param"
     freeze_last_layer_epochs: int = 1
     schedule: str = "cosine"  # cosine (DINO, DINOv2) | constant after warmup (DINOv3): lr, wd, teacher momentum
     lr_scaling: str = "linear"  # linear: base_lr * batch / lr_reference_batch | sqrt: base_lr * sqrt(batch / ref)
@@ -333,7 +335,7 @@ CHOICES = {
     "optim.lr_scaling": ("linear", "sqrt"),
     "data.dataset": ("digits", "cifar10", "imagefolder", "folder"),
     "data.on_bad_image": ("skip", "fail"),
-    "optim.clip_mode": ("per_param", "global"),
+    "optim.clip_mode": ("per_param", "global", "per_module"),
     "train.precision": ("auto", "fp32", "bf16", "fp16"),
     "train.device": ("auto", "cpu", "cuda"),
     "train.parallel": ("ddp", "fsdp"),
@@ -532,6 +534,7 @@ def validate(cfg: DictConfig) -> None:
 
 SINGLE_VIEW_METHODS = ("ijepa", "mae", "masked_kd", "posthoc_registers")  # one crop per image, no local crops
 ANY_VIEWS_METHODS = ("feature_distill",)  # every crop, global or local, goes through teacher and student
+PER_MODULE_CLIP_METHODS = ("dino", "ibot", "dinov2", "dinov3", "poa", "multi_distill")  # have student_networks()
 FIXED_TEACHER_METHODS = ("feature_distill", "masked_kd", "posthoc_registers", "multi_distill")  # distillation: teacher.kind frozen/random
 
 
@@ -542,6 +545,10 @@ def _check_views(cfg: DictConfig) -> None:
                           f"crops.local_number=0 (or start from an {name} recipe, see --list-recipes)")
     if name not in SINGLE_VIEW_METHODS + ANY_VIEWS_METHODS and crops.global_number != 2:
         raise ConfigError(f"method.name={name} matches two global crops of each image: set crops.global_number=2")
+    if cfg.optim.clip_mode == "per_module" and name not in PER_MODULE_CLIP_METHODS:
+        raise ConfigError(f"optim.clip_mode=per_module clips each part of a DINO-style student (backbone, heads) on "
+                          f"its own; method.name={name} has no such parts: use optim.clip_mode=global or per_param "
+                          f"(per_module works with {', '.join(PER_MODULE_CLIP_METHODS)})")
     if name == "mae" and cfg.teacher.kind != "ema":
         raise ConfigError("method.name=mae reconstructs pixels and has no teacher: leave teacher.* at its defaults")
     if name in FIXED_TEACHER_METHODS and cfg.teacher.kind == "ema":

@@ -109,6 +109,39 @@ def test_gradient_clipping(mode):
         assert total_after == pytest.approx(1.0, rel=1e-4)
 
 
+def test_per_module_clipping_clips_backbone_and_each_head_by_its_own_norm(tmp_path):
+    """optim.clip_mode=per_module, DINOv2's and DINOv3's clipping: the trainer's sets are the student's parts (the
+    mask token with the backbone, as DINOv2 keeps it), and each part ends at the clip norm on its own."""
+    from ssd.config import ConfigError
+    from ssd.data import build_dataset
+    from ssd.engine.distributed import DistInfo
+    from ssd.engine.optim import clip_gradient_sets
+    from ssd.engine.trainer import Trainer
+    from ssd.methods import build_method
+    from ssd.train import build_transform
+    from tests.test_methods_masked import DINOV2
+    from tests.tiny import tiny_overrides
+
+    cfg = load_config(None, tiny_overrides(tmp_path, "clip", *DINOV2, "optim.clip_mode=per_module"))
+    method = build_method(cfg)
+    trainer = Trainer(cfg, method, build_dataset(cfg.data, cfg.data.split), build_transform(cfg), DistInfo(),
+                      tmp_path / "clip")
+    names = {id(p): name for name, p in method.named_parameters()}
+    parts = [sorted({".".join(names[id(p)].split(".")[:2]) for p in part}) for part in trainer.clip_sets]
+    assert parts == [["student.backbone", "student.mask_token"], ["student.head"], ["student.patch_head"]]
+    assert sum(map(len, trainer.clip_sets)) == len(trainer.trainable)
+
+    for param in trainer.trainable:
+        param.grad = torch.full_like(param, 10.0)
+    clip_gradient_sets(trainer.clip_sets, cfg.optim.clip_grad, trainer.clip_mode)
+    for part in trainer.clip_sets:
+        norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in part]))
+        assert norm.item() == pytest.approx(cfg.optim.clip_grad, rel=1e-4)
+
+    with pytest.raises(ConfigError, match="per_module clips each part of a DINO-style student"):
+        load_config("ijepa_digits_demo", ["optim.clip_mode=per_module"])
+
+
 def test_collapse_monitors_tell_uniform_from_one_hot_from_healthy():
     from ssd.monitors import collapse_kind, collapse_statistics
 

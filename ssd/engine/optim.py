@@ -41,7 +41,8 @@ def clip_gradients(parameters: list[nn.Parameter], max_norm: float, mode: str) -
     """Returns the total gradient norm before clipping (for logging).
 
     `per_param` clips each tensor's norm separately, as the official DINO code does; `global` clips the norm
-    of all gradients together (torch's clip_grad_norm_), as DINOv2 does.
+    of all gradients together (torch's clip_grad_norm_); DINOv2's and DINOv3's per-part clipping is `global` on
+    each set of `network_parts`.
     """
     grads = [p.grad for p in parameters if p.grad is not None]
     if not grads:
@@ -67,6 +68,19 @@ def _sharded_norms(local_shards: list[torch.Tensor]) -> torch.Tensor:
     squares = torch.stack(torch._foreach_norm(local_shards)).double() ** 2
     dist.all_reduce(squares)
     return squares.sqrt().to(local_shards[0].dtype)
+
+
+def network_parts(network: nn.Module) -> list[list[nn.Parameter]]:
+    """A student network's trainable parameters by part, for optim.clip_mode=per_module: the backbone together
+    with the parameters the network holds itself (the mask token, which DINOv2 keeps inside its backbone), then
+    each head on its own. DINOv2 and DINOv3 clip each of these by its own norm (clip_grad_norm_ per student
+    module in their train loops)."""
+    def trainable(module: nn.Module, recurse: bool = True) -> list[nn.Parameter]:
+        return [p for p in module.parameters(recurse=recurse) if p.requires_grad]
+
+    parts = [trainable(network, recurse=False) + trainable(network.backbone)]
+    parts += [trainable(child) for child in network.children() if child is not network.backbone]
+    return [part for part in parts if part]
 
 
 def clip_gradient_sets(sets: list[list[nn.Parameter]], max_norm: float, mode: str) -> torch.Tensor:

@@ -34,7 +34,7 @@ from ssd.engine import checkpoint as ckpt
 from ssd.engine import distributed, machine, memory, sharded_checkpoint, sharding, signals
 from ssd.engine.compile import compile_regions
 from ssd.engine.metrics import MetricsWriter, ProgressBar, peak_memory_mib
-from ssd.engine.optim import apply_schedule, build_optimizer, clip_gradient_sets
+from ssd.engine.optim import apply_schedule, build_optimizer, clip_gradient_sets, network_parts
 from ssd.engine.schedules import TrainingSchedule
 from ssd.engine.state import gather_rng_states, restore_rng
 from ssd.engine.step_flags import LaggedFlags
@@ -153,7 +153,8 @@ class Trainer:
         self.optimizer = build_optimizer(self.method.param_groups(), cfg.optim.betas, self.device)
         self.trainable = [p for p in self.method.parameters() if p.requires_grad]
         # Gradients are clipped per set: one set for most methods, one per student for multi-student distillation.
-        self.clip_sets = self.method.clip_sets() if hasattr(self.method, "clip_sets") else [self.trainable]
+        self.clip_sets = self._clip_sets(cfg.optim.clip_mode)
+        self.clip_mode = "global" if cfg.optim.clip_mode == "per_module" else cfg.optim.clip_mode
         self.step = 0
         self.flags = LaggedFlags(self.device)
         self.last_checkpoint: Path | None = None
@@ -165,6 +166,13 @@ class Trainer:
             from ssd.visualize import TrainingImages
 
             self.images = TrainingImages(cfg, dataset)
+
+    def _clip_sets(self, mode: str) -> list[list[torch.nn.Parameter]]:
+        """The parameter sets clipped each by its own norm: a method's own sets (one per student of a
+        multi-student run) or all trainable parameters; per_module: each part of each student network."""
+        if mode == "per_module":
+            return [part for network in self.method.student_networks() for part in network_parts(network)]
+        return self.method.clip_sets() if hasattr(self.method, "clip_sets") else [self.trainable]
 
     def check_memory(self) -> memory.MemoryEstimate | None:
         """Measure what a step needs (`ssd.engine.memory`); refuse on every rank when it cannot fit."""
@@ -382,7 +390,7 @@ class Trainer:
         flags = distributed.all_reduce_sum(torch.stack([loss, (~torch.isfinite(loss)).float(), stop]))
         self.flags.push(self.step, flags)
         self.scaler.unscale_(self.optimizer)
-        grad_norm = clip_gradient_sets(self.clip_sets, self.cfg.optim.clip_grad, self.cfg.optim.clip_mode)
+        grad_norm = clip_gradient_sets(self.clip_sets, self.cfg.optim.clip_grad, self.clip_mode)
         if schedule["freeze_last_layer"]:
             for param in self.method.last_layer_parameters():
                 param.grad = None

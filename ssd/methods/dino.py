@@ -61,6 +61,10 @@ class DINO(EvaluatesTrainedNetwork, nn.Module):
     def param_groups(self) -> list[dict]:
         return vit_parameter_groups(self, self.student.backbone, self.optim_cfg)
 
+    def student_networks(self) -> list[nn.Module]:
+        """The networks the optimizer trains, for optim.clip_mode=per_module (ssd.engine.optim.network_parts)."""
+        return [self.student]
+
     def last_layer_parameters(self) -> list[nn.Parameter]:
         """Parameters frozen during the first `optim.freeze_last_layer_epochs` epochs."""
         return list(self.student.head.last_layer.parameters())

@@ -84,6 +84,10 @@ class MaskedDistillation(EvaluatesTrainedNetwork, nn.Module):
     def param_groups(self) -> list[dict]:
         return vit_parameter_groups(self, self.student.backbone, self.cfg.optim)
 
+    def student_networks(self) -> list[nn.Module]:
+        """The networks the optimizer trains, for optim.clip_mode=per_module (ssd.engine.optim.network_parts)."""
+        return [self.student]
+
     def last_layer_parameters(self) -> list[nn.Parameter]:
         """Parameters frozen during the first `optim.freeze_last_layer_epochs` epochs (both heads)."""
         heads = [self.student.head] + ([self.student.patch_head] if self.student.patch_head is not None else [])

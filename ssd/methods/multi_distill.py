@@ -112,6 +112,9 @@ class MultiStudentDistillation(MaskedDistillation):
         """Gradients are clipped per student: one student's large gradient does not shrink another's step."""
         return [[p for p in network.parameters() if p.requires_grad] for network in self.students.values()]
 
+    def student_networks(self) -> list[nn.Module]:
+        return list(self.students.values())
+
     def last_layer_parameters(self) -> list[nn.Parameter]:
         heads = [head for network in self.students.values() for head in (network.head, network.patch_head) if head]
         return [p for head in heads for p in head.last_layer.parameters()]
