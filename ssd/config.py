@@ -534,6 +534,8 @@ def validate(cfg: DictConfig) -> None:
 
 SINGLE_VIEW_METHODS = ("ijepa", "mae", "masked_kd", "posthoc_registers")  # one crop per image, no local crops
 ANY_VIEWS_METHODS = ("feature_distill",)  # every crop, global or local, goes through teacher and student
+# The methods whose loss (ssd/methods/ibot.py) has KoLeo and Sinkhorn-Knopp centring; the others ignore both.
+KOLEO_AND_SINKHORN_METHODS = ("ibot", "dinov2", "dinov3", "multi_distill")
 PER_MODULE_CLIP_METHODS = ("dino", "ibot", "dinov2", "dinov3", "poa", "multi_distill")  # have student_networks()
 FIXED_TEACHER_METHODS = ("feature_distill", "masked_kd", "posthoc_registers", "multi_distill")  # distillation: teacher.kind frozen/random
 
@@ -545,6 +547,13 @@ def _check_views(cfg: DictConfig) -> None:
                           f"crops.local_number=0 (or start from an {name} recipe, see --list-recipes)")
     if name not in SINGLE_VIEW_METHODS + ANY_VIEWS_METHODS and crops.global_number != 2:
         raise ConfigError(f"method.name={name} matches two global crops of each image: set crops.global_number=2")
+    ignored = [f"{key}={value}" for key, value, default in (("method.koleo_weight", cfg.method.koleo_weight, 0),
+                                                              ("method.centering", cfg.method.centering, "ema"))
+               if value != default]
+    if ignored and name not in KOLEO_AND_SINKHORN_METHODS:
+        raise ConfigError(f"method.name={name} does not use {' or '.join(ignored)}: its loss keeps DINO's EMA centre "
+                          f"and has no KoLeo term. Remove the setting, or use a method that has them "
+                          f"({', '.join(KOLEO_AND_SINKHORN_METHODS)}; dinov2 is DINO + iBOT + KoLeo + Sinkhorn-Knopp)")
     if cfg.optim.clip_mode == "per_module" and name not in PER_MODULE_CLIP_METHODS:
         raise ConfigError(f"optim.clip_mode=per_module clips each part of a DINO-style student (backbone, heads) on "
                           f"its own; method.name={name} has no such parts: use optim.clip_mode=global or per_param "

@@ -29,6 +29,10 @@ from tests.tiny import REPO, subprocess_env, tiny_overrides, train_command
     ("train.overwrite=true", "train.overwrite=true deletes the run folder's checkpoints: it needs train.resume=false"),
     ("crops.gram_teacher_size=64", "crops.gram_teacher_size is for DINOv3's Gram teacher; method.name=dino"),
     ("method.mask_ratio=[0.5,0.2]", "'method.mask_ratio' is [0.5, 0.2]; it needs 0 <= min <= max < 1"),
+    # DINO's loss has neither: these used to be accepted and ignored (the CIFAR-10 CPU recipe set both).
+    ("method.koleo_weight=0.1", "method.name=dino does not use method.koleo_weight=0.1: its loss keeps DINO's EMA "
+                                "centre and has no KoLeo term"),
+    ("method.centering=sinkhorn", "method.name=dino does not use method.centering=sinkhorn"),
 ])
 def test_nonsense_values_are_refused_naming_the_key(tmp_path, override, message):
     with pytest.raises(ConfigError) as error:
