@@ -534,10 +534,48 @@ def validate(cfg: DictConfig) -> None:
 
 SINGLE_VIEW_METHODS = ("ijepa", "mae", "masked_kd", "posthoc_registers")  # one crop per image, no local crops
 ANY_VIEWS_METHODS = ("feature_distill",)  # every crop, global or local, goes through teacher and student
-# The methods whose loss (ssd/methods/ibot.py) has KoLeo and Sinkhorn-Knopp centring; the others ignore both.
-KOLEO_AND_SINKHORN_METHODS = ("ibot", "dinov2", "dinov3", "multi_distill")
+MASKED_METHODS = ("ibot", "dinov2", "dinov3", "multi_distill")  # the iBOT-family loss of ssd/methods/ibot.py
+# Settings that only some methods read. A changed value under any other method would do nothing, silently (the
+# CIFAR-10 CPU recipe once set KoLeo and Sinkhorn-Knopp for DINO, whose loss has neither), so it is refused.
+SETTINGS_READ_BY = (
+    (MASKED_METHODS, ("method.centering", "method.koleo_weight", "method.patch_out_dim", "method.shared_head",
+                      "method.patch_loss_weight", "method.patch_teacher_temp", "method.warmup_patch_teacher_temp",
+                      "method.mask_ratio", "method.mask_probability", "method.mask_min_block",
+                      "method.mask_spread_in_batch")),
+    (("dinov3",), ("method.gram_weight", "method.gram_start_step", "method.gram_refresh_steps")),
+    (("ijepa", "mae"), ("method.num_targets", "method.target_scale", "method.target_aspect", "method.context_scale",
+                        "method.min_context", "method.predictor_dim", "method.predictor_depth",
+                        "method.predictor_heads")),
+    (("ijepa",), ("method.latent_loss",)),
+    (("mae",), ("method.pixel_norm",)),
+    (("feature_distill", "masked_kd"), ("distill.targets", "distill.projection")),
+    (("feature_distill", "masked_kd", "posthoc_registers"), ("distill.loss",)),
+    (("feature_distill",), ("distill.patch_weight",)),
+    (("masked_kd",), ("distill.mask_ratio", "distill.block_pairs")),
+    (("posthoc_registers",), ("distill.trainable", "distill.tta_views", "distill.tta_max_shift")),
+    (("multi_distill",), ("distill.students", "distill.placement")),
+    (("poa",), ("elastic.widths", "elastic.depths", "elastic.weight", "elastic.from_intact_weight")),
+)
 PER_MODULE_CLIP_METHODS = ("dino", "ibot", "dinov2", "dinov3", "poa", "multi_distill")  # have student_networks()
 FIXED_TEACHER_METHODS = ("feature_distill", "masked_kd", "posthoc_registers", "multi_distill")  # distillation: teacher.kind frozen/random
+
+
+def _check_settings_are_read(cfg: DictConfig) -> None:
+    """Refuse changed settings that method.name does not read (SETTINGS_READ_BY), naming the methods that do."""
+    name, defaults = cfg.method.name, OmegaConf.structured(Config)
+    unread = []
+    for methods, keys in SETTINGS_READ_BY:
+        if name in methods:
+            continue
+        for key in keys:
+            value = OmegaConf.select(cfg, key)
+            if value != OmegaConf.select(defaults, key):
+                unread.append((key, value, methods))
+    if unread:
+        listed = "; ".join(f"{key}={OmegaConf.to_container(value) if OmegaConf.is_config(value) else value} "
+                           f"(read by {', '.join(methods)})" for key, value, methods in unread)
+        raise ConfigError(f"method.name={name} does not read {listed}: the setting would change nothing. Remove it, "
+                          f"or use a method that reads it")
 
 
 def _check_views(cfg: DictConfig) -> None:
@@ -547,13 +585,7 @@ def _check_views(cfg: DictConfig) -> None:
                           f"crops.local_number=0 (or start from an {name} recipe, see --list-recipes)")
     if name not in SINGLE_VIEW_METHODS + ANY_VIEWS_METHODS and crops.global_number != 2:
         raise ConfigError(f"method.name={name} matches two global crops of each image: set crops.global_number=2")
-    ignored = [f"{key}={value}" for key, value, default in (("method.koleo_weight", cfg.method.koleo_weight, 0),
-                                                              ("method.centering", cfg.method.centering, "ema"))
-               if value != default]
-    if ignored and name not in KOLEO_AND_SINKHORN_METHODS:
-        raise ConfigError(f"method.name={name} does not use {' or '.join(ignored)}: its loss keeps DINO's EMA centre "
-                          f"and has no KoLeo term. Remove the setting, or use a method that has them "
-                          f"({', '.join(KOLEO_AND_SINKHORN_METHODS)}; dinov2 is DINO + iBOT + KoLeo + Sinkhorn-Knopp)")
+    _check_settings_are_read(cfg)
     if cfg.optim.clip_mode == "per_module" and name not in PER_MODULE_CLIP_METHODS:
         raise ConfigError(f"optim.clip_mode=per_module clips each part of a DINO-style student (backbone, heads) on "
                           f"its own; method.name={name} has no such parts: use optim.clip_mode=global or per_param "

@@ -29,10 +29,15 @@ from tests.tiny import REPO, subprocess_env, tiny_overrides, train_command
     ("train.overwrite=true", "train.overwrite=true deletes the run folder's checkpoints: it needs train.resume=false"),
     ("crops.gram_teacher_size=64", "crops.gram_teacher_size is for DINOv3's Gram teacher; method.name=dino"),
     ("method.mask_ratio=[0.5,0.2]", "'method.mask_ratio' is [0.5, 0.2]; it needs 0 <= min <= max < 1"),
-    # DINO's loss has neither: these used to be accepted and ignored (the CIFAR-10 CPU recipe set both).
-    ("method.koleo_weight=0.1", "method.name=dino does not use method.koleo_weight=0.1: its loss keeps DINO's EMA "
-                                "centre and has no KoLeo term"),
-    ("method.centering=sinkhorn", "method.name=dino does not use method.centering=sinkhorn"),
+    # Settings another method reads used to be accepted and ignored (the CIFAR-10 CPU recipe set KoLeo and
+    # Sinkhorn-Knopp for DINO, whose loss has neither).
+    ("method.koleo_weight=0.1", "method.name=dino does not read method.koleo_weight=0.1 (read by ibot, dinov2, "
+                                "dinov3, multi_distill): the setting would change nothing"),
+    ("method.centering=sinkhorn", "method.name=dino does not read method.centering=sinkhorn"),
+    ("method.mask_ratio=[0.2,0.4]", "does not read method.mask_ratio=[0.2, 0.4] (read by ibot"),
+    ("method.gram_weight=1.0", "does not read method.gram_weight=1.0 (read by dinov3)"),
+    ("distill.tta_views=4", "does not read distill.tta_views=4 (read by posthoc_registers)"),
+    ("elastic.weight=0.5", "does not read elastic.weight=0.5 (read by poa)"),
 ])
 def test_nonsense_values_are_refused_naming_the_key(tmp_path, override, message):
     with pytest.raises(ConfigError) as error:
