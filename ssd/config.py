@@ -81,6 +81,9 @@ class MethodConfig:
     # processes); true: DINOv2's rule, masking ratios spread evenly over each process's batch
     mask_spread_in_batch: bool = False
     koleo_weight: float = 0.0  # KoLeo on the student's class tokens (DINOv2: 0.1)
+    # KoLeo's neighbours within groups of this many images of the global batch (0: the whole batch). DINOv2 and
+    # DINOv3 compute it on each GPU's 64 images: their recipes set 64 (ssd/losses/koleo_loss.grouped_koleo_loss)
+    koleo_group_size: int = 0
     # Gram anchoring (DINOv3): the student's patch-feature Gram matrix regressed to a Gram teacher's, a snapshot
     # of the EMA teacher taken at gram_start_step and refreshed every gram_refresh_steps. 0 disables it.
     gram_weight: float = 0.0
@@ -539,7 +542,8 @@ MASKED_METHODS = ("ibot", "dinov2", "dinov3", "multi_distill")  # the iBOT-famil
 # CIFAR-10 CPU recipe once set KoLeo and Sinkhorn-Knopp for DINO, whose loss has neither), so it is refused.
 SETTINGS_READ_BY = (
     (MASKED_METHODS, ("method.centering", "method.koleo_weight", "method.patch_out_dim", "method.shared_head",
-                      "method.patch_loss_weight", "method.patch_teacher_temp", "method.warmup_patch_teacher_temp",
+                      "method.koleo_group_size", "method.patch_loss_weight", "method.patch_teacher_temp",
+                      "method.warmup_patch_teacher_temp",
                       "method.mask_ratio", "method.mask_probability", "method.mask_min_block",
                       "method.mask_spread_in_batch")),
     (("dinov3",), ("method.gram_weight", "method.gram_start_step", "method.gram_refresh_steps")),
@@ -558,6 +562,15 @@ SETTINGS_READ_BY = (
 )
 PER_MODULE_CLIP_METHODS = ("dino", "ibot", "dinov2", "dinov3", "poa", "multi_distill")  # have student_networks()
 FIXED_TEACHER_METHODS = ("feature_distill", "masked_kd", "posthoc_registers", "multi_distill")  # distillation: teacher.kind frozen/random
+
+
+def _check_koleo_groups(cfg: DictConfig) -> None:
+    group, accum = cfg.method.koleo_group_size, cfg.train.grad_accum_steps
+    micro = cfg.train.batch_size // accum
+    if group and cfg.method.koleo_weight and micro % group:
+        raise ConfigError(f"method.koleo_group_size={group} does not divide the {micro} images of a step's forward "
+                          f"(train.batch_size={cfg.train.batch_size} / train.grad_accum_steps={accum}): use a divisor "
+                          f"of {micro}, or 0 for the whole batch")
 
 
 def _check_settings_are_read(cfg: DictConfig) -> None:
@@ -586,6 +599,7 @@ def _check_views(cfg: DictConfig) -> None:
     if name not in SINGLE_VIEW_METHODS + ANY_VIEWS_METHODS and crops.global_number != 2:
         raise ConfigError(f"method.name={name} matches two global crops of each image: set crops.global_number=2")
     _check_settings_are_read(cfg)
+    _check_koleo_groups(cfg)
     if cfg.optim.clip_mode == "per_module" and name not in PER_MODULE_CLIP_METHODS:
         raise ConfigError(f"optim.clip_mode=per_module clips each part of a DINO-style student (backbone, heads) on "
                           f"its own; method.name={name} has no such parts: use optim.clip_mode=global or per_param "
@@ -695,7 +709,7 @@ RANGES = [
     ("method.momentum_teacher_end", 0, 1, False), ("method.patch_out_dim", 0, INF, False),
     ("method.patch_loss_weight", 0, INF, False), ("method.patch_teacher_temp", 0, INF, True),
     ("method.warmup_patch_teacher_temp", 0, INF, True), ("method.mask_probability", 0, 1, False),
-    ("method.mask_min_block", 1, INF, False), ("method.koleo_weight", 0, INF, False),
+    ("method.mask_min_block", 1, INF, False), ("method.koleo_weight", 0, INF, False), ("method.koleo_group_size", 0, INF, False),
     ("method.gram_weight", 0, INF, False), ("method.gram_start_step", 0, INF, False),
     ("method.gram_refresh_steps", 1, INF, False), ("crops.gram_teacher_size", 0, INF, False),
     ("optim.layerwise_decay", 0, 1, True), ("optim.patch_embed_lr_mult", 0, INF, False),

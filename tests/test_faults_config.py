@@ -38,11 +38,23 @@ from tests.tiny import REPO, subprocess_env, tiny_overrides, train_command
     ("method.gram_weight=1.0", "does not read method.gram_weight=1.0 (read by dinov3)"),
     ("distill.tta_views=4", "does not read distill.tta_views=4 (read by posthoc_registers)"),
     ("elastic.weight=0.5", "does not read elastic.weight=0.5 (read by poa)"),
+    ("method.koleo_group_size=4", "does not read method.koleo_group_size=4 (read by ibot"),
 ])
 def test_nonsense_values_are_refused_naming_the_key(tmp_path, override, message):
     with pytest.raises(ConfigError) as error:
         load_config(None, tiny_overrides(tmp_path, "x", override))
     assert message in str(error.value)
+
+
+def test_koleo_groups_must_divide_a_forward_batch(tmp_path):
+    dinov2 = ("method.name=dinov2", "method.koleo_weight=0.1", "train.batch_size=8")
+    with pytest.raises(ConfigError, match="method.koleo_group_size=3 does not divide the 8 images of a step's "
+                                          "forward .* use a divisor of 8, or 0 for the whole batch"):
+        load_config(None, tiny_overrides(tmp_path, "x", *dinov2, "method.koleo_group_size=3"))
+    with pytest.raises(ConfigError, match="does not divide the 4 images"):
+        load_config(None, tiny_overrides(tmp_path, "x", *dinov2, "method.koleo_group_size=8",
+                                         "train.grad_accum_steps=2"))
+    assert load_config(None, tiny_overrides(tmp_path, "x", *dinov2, "method.koleo_group_size=4")).method.koleo_group_size == 4
 
 
 def test_patch_size_comes_from_the_architecture_name_when_not_set(tmp_path):

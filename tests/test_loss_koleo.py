@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from ssd.losses.koleo_loss import KoLeoLoss, koleo_loss
+from ssd.losses.koleo_loss import KoLeoLoss, grouped_koleo_loss, koleo_loss
 
 
 def reference_koleo(features, eps=1e-8):
@@ -66,3 +66,17 @@ def test_module_sums_views_separately():
     expected = koleo_loss(views[:5]) + koleo_loss(views[5:])
     torch.testing.assert_close(KoLeoLoss()(views, num_views=2), expected)
     torch.testing.assert_close(KoLeoLoss()(views), koleo_loss(views))
+
+
+def test_grouped_koleo_is_the_mean_over_groups_of_the_reference():
+    """method.koleo_group_size: DINOv2/DINOv3 compute KoLeo on each GPU's share; the mean over the shares is what
+    their gradient average optimises."""
+    features = torch.randn(12, 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    expected = torch.stack([reference_koleo(group) for group in features.split(4)]).mean()
+    torch.testing.assert_close(grouped_koleo_loss(features, 4), expected, rtol=1e-12, atol=1e-12)
+    whole = koleo_loss(features)
+    assert abs(grouped_koleo_loss(features, 4).item() - whole.item()) > 0.05  # fewer, farther neighbours
+    for one_group in (0, 12, 20):
+        torch.testing.assert_close(grouped_koleo_loss(features, one_group), whole)
+    with pytest.raises(ValueError, match="groups of 5 do not divide a batch of 12"):
+        grouped_koleo_loss(features, 5)

@@ -4,6 +4,7 @@ equal to 1, SIGKILL resume bitwise equal, logged loss terms, exports that timm l
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import timm
@@ -82,3 +83,14 @@ def test_digits_recipe_from_the_command_line_beats_random_init(tmp_path, method,
     results = report["results"]
     trained, random_init = results["trained teacher"]["k=20"]["top1"], results["random init (same arch)"]["k=20"]["top1"]
     assert trained > random_init + margin, report
+
+
+def test_koleo_groups_change_the_koleo_term_of_a_run(tmp_path):
+    """method.koleo_group_size reaches the loss: the same first step with KoLeo over groups of 4 images instead
+    of the whole batch of 8 logs another KoLeo value (nearest neighbours among fewer images are farther)."""
+    def first_koleo(name: str, *extra: str) -> float:
+        run_training(tiny_overrides(tmp_path, name, *DINOV2, "train.max_steps=2", "log.every_steps=1", *extra))
+        return json.loads((tmp_path / name / "metrics.jsonl").read_text().splitlines()[0])["loss_koleo"]
+
+    whole, grouped = first_koleo("whole"), first_koleo("groups", "method.koleo_group_size=4")
+    assert math.isfinite(grouped) and grouped < whole - 1e-3, (whole, grouped)

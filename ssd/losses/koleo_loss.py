@@ -31,6 +31,20 @@ def koleo_loss(features: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:  # (B
     return -torch.log(distances + eps).mean()
 
 
+def grouped_koleo_loss(features: torch.Tensor, group_size: int = 0, eps: float = 1e-8) -> torch.Tensor:
+    """koleo_loss within consecutive groups of `group_size` rows, averaged over the groups; 0: one group.
+
+    DINOv2 and DINOv3 compute KoLeo on each GPU's share of the batch (64 images in their released configs;
+    dinov3's koleo_loss_distributed=false), and averaging gradients over the GPUs makes the loss this mean: with
+    group_size = the images per GPU of the official run, ssd's KoLeo is theirs on any number of processes. The
+    nearest neighbour among 64 images is farther than among 2048, so the group size sets the term's strength."""
+    if group_size <= 0 or group_size >= len(features):
+        return koleo_loss(features, eps)
+    if len(features) % group_size:
+        raise ValueError(f"KoLeo groups of {group_size} do not divide a batch of {len(features)}")
+    return torch.stack([koleo_loss(group, eps) for group in features.split(group_size)]).mean()
+
+
 class KoLeoLoss(nn.Module):
     """Sum over views of koleo_loss(view), as DINOv2 sums the two global crops (weight applied by the method)."""
 

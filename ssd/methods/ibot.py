@@ -23,7 +23,7 @@ from ssd.data.masking import MaskingCollator
 from ssd.engine.distributed import all_gather_with_grad
 from ssd.losses.dino_loss import DINOLoss, dino_cross_entropy
 from ssd.losses.ibot_patch_loss import IBOTPatchLoss, ibot_masked_cross_entropy, masked_token_weights
-from ssd.losses.koleo_loss import koleo_loss
+from ssd.losses.koleo_loss import grouped_koleo_loss
 from ssd.losses.sinkhorn import sinkhorn_knopp
 from ssd.methods.dino import build_head
 from ssd.models.backbone import build_student_backbone, patch_size_of
@@ -172,9 +172,11 @@ class MaskedDistillation(EvaluatesTrainedNetwork, nn.Module):
         loss = cls_loss + method.patch_loss_weight * patch_loss
         koleo = loss.new_zeros(())
         if method.koleo_weight > 0:
-            # Nearest neighbours over the global batch, not each process's share: the same loss on any number of
-            # processes (every rank computes it whole; DDP's gradient average then counts it once).
-            koleo = sum(koleo_loss(all_gather_with_grad(view, group)) for view in global_cls.chunk(NUM_GLOBAL_VIEWS))
+            # Over the global batch, not each process's share: the same loss on any number of processes (every
+            # rank computes it whole; DDP's gradient average then counts it once). method.koleo_group_size splits
+            # it into groups of that many images, as DINOv2 and DINOv3 compute it per GPU.
+            koleo = sum(grouped_koleo_loss(all_gather_with_grad(view, group), method.koleo_group_size)
+                        for view in global_cls.chunk(NUM_GLOBAL_VIEWS))
             loss = loss + method.koleo_weight * koleo
         return loss, {"loss_class": cls_loss.detach(), "loss_patch": patch_loss.detach(), "loss_koleo": koleo.detach()}
 
