@@ -29,7 +29,12 @@ def test_masked_recipes_follow_the_released_settings():
     for size, arch, batch in (("small", "vit_small_patch14_dinov2", 1024), ("large", "vit_large_patch14_dinov2", 2048)):
         dinov2 = load_config(f"dinov2_vit_{size}14_imagenet", [])
         assert (dinov2.model.arch, dinov2.train.batch_size, dinov2.model.drop_path_uniform) == (arch, batch, True)
-        assert (dinov2.method.koleo_weight, dinov2.method.shared_head, dinov2.head.out_dim) == (0.1, False, 65536)
+        # ssl_default_config.yaml: ibot.separate_head false (one head); dinov2/layers/dino_head.py leaves the
+        # weight-norm scale trainable; collate_data_and_cast spreads the mask ratios over the batch; KoLeo and
+        # clip_grad_norm_ per GPU (64 images) and per student module.
+        assert (dinov2.method.koleo_weight, dinov2.method.shared_head, dinov2.head.out_dim) == (0.1, True, 65536)
+        assert (dinov2.head.norm_last_layer, dinov2.method.mask_spread_in_batch) == (False, True)
+        assert (dinov2.method.koleo_group_size, dinov2.optim.clip_mode) == (64, "per_module")
         assert (dinov2.optim.base_lr, dinov2.optim.lr_scaling, dinov2.optim.lr_reference_batch) == (0.004, "sqrt", 1024)
         assert (dinov2.optim.layerwise_decay, dinov2.optim.patch_embed_lr_mult, dinov2.method.momentum_teacher) == (
             0.9, 0.2, 0.992)
