@@ -171,7 +171,10 @@ class Trainer:
         """The parameter sets clipped each by its own norm: a method's own sets (one per student of a
         multi-student run) or all trainable parameters; per_module: each part of each student network."""
         if mode == "per_module":
-            return [part for network in self.method.student_networks() for part in network_parts(network)]
+            parts = [part for network in self.method.student_networks() for part in network_parts(network)]
+            covered = {id(p) for part in parts for p in part}
+            rest = [p for p in self.trainable if id(p) not in covered]  # a method's parameters outside its students
+            return parts + ([rest] if rest else [])
         return self.method.clip_sets() if hasattr(self.method, "clip_sets") else [self.trainable]
 
     def check_memory(self) -> memory.MemoryEstimate | None:
