@@ -530,7 +530,9 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"teacher.feature_block picks the features that method.name=ijepa regresses; "
                           f"{cfg.method.name} matches the teacher's head outputs: set teacher.feature_block=-1")
     _check_views(cfg)
-    student_specs(cfg)
+    student_specs(cfg)  # its own messages for multi_distill's keys come before the general one below
+    _check_settings_are_read(cfg)
+    _check_koleo_groups(cfg)
     if cfg.data.dataset != "digits" and not cfg.data.root:
         raise ConfigError(f"data.dataset={cfg.data.dataset} needs data.root=/path/to/images")
 
@@ -598,8 +600,6 @@ def _check_views(cfg: DictConfig) -> None:
                           f"crops.local_number=0 (or start from an {name} recipe, see --list-recipes)")
     if name not in SINGLE_VIEW_METHODS + ANY_VIEWS_METHODS and crops.global_number != 2:
         raise ConfigError(f"method.name={name} matches two global crops of each image: set crops.global_number=2")
-    _check_settings_are_read(cfg)
-    _check_koleo_groups(cfg)
     if cfg.optim.clip_mode == "per_module" and name not in PER_MODULE_CLIP_METHODS:
         raise ConfigError(f"optim.clip_mode=per_module clips each part of a DINO-style student (backbone, heads) on "
                           f"its own; method.name={name} has no such parts: use optim.clip_mode=global or per_param "
